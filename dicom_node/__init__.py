@@ -1,0 +1,1 @@
+"""Pleura's DICOM node: SCP, spool, pixel decoding, result objects, SCU. Speaks DICOM only."""

@@ -1,0 +1,182 @@
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class.
+
+The C-STORE handler never decodes pixels. It reads the header, writes the encoded bytes to
+the spool durably, tells the application through a :class:`Receiver`, and answers Success
+only when both returned. The application passes the Receiver in; this module knows no
+database and no queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Protocol
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.spool import InvalidUID, Spool, SpoolFull, WriteOutcome
+
+log = structlog.get_logger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+#: Header attributes the application gets with each instance (no PHI among them).
+_HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who opened an association."""
+
+    calling_ae: str
+    called_ae: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance durably in the spool, handed to the application to record."""
+
+    association: object
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    path: str
+    size: int
+    sha256: str
+    outcome: WriteOutcome
+
+
+class Receiver(Protocol):
+    """What the SCP reports to; every method may raise to make the SCP refuse."""
+
+    def association_opened(self, peer: Peer) -> object:
+        """Record the association; the returned key comes back with each instance."""
+
+    def instance_stored(self, stored: StoredInstance) -> None:
+        """Record the instance durably (commit) before returning."""
+
+    def association_closed(self, key: object, reason: str) -> None:
+        """Record the end of the association."""
+
+
+class StorageSCP:
+    """A running listener; ``start()`` returns at once, ``stop()`` shuts it down."""
+
+    def __init__(
+        self,
+        ae_title: str,
+        host: str,
+        port: int,
+        spool: Spool,
+        receiver: Receiver,
+        max_associations: int = 10,
+    ) -> None:
+        self.address = (host, port)
+        self.spool = spool
+        self.receiver = receiver
+        self._keys: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = AE(ae_title=ae_title)
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = max_associations
+        self.ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, lambda event: self._on_closed(event, "released")),
+            (evt.EVT_ABORTED, lambda event: self._on_closed(event, "aborted")),
+        ]
+        self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        log.info("listening", ae_title=self.ae.ae_title, address=f"{self.address[0]}:{self.address[1]}")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        peer = Peer(
+            calling_ae=assoc.requestor.ae_title,
+            called_ae=assoc.acceptor.ae_title,
+            host=assoc.requestor.address,
+            port=assoc.requestor.port,
+        )
+        try:
+            key = self.receiver.association_opened(peer)
+        except Exception:
+            log.exception("association could not be recorded; aborting it")
+            assoc.abort()
+            return
+        with self._lock:
+            self._keys[id(assoc)] = key
+
+    def _on_closed(self, event: evt.Event, reason: str) -> None:
+        with self._lock:
+            key = self._keys.pop(id(event.assoc), None)
+        if key is not None:
+            try:
+                self.receiver.association_closed(key, reason)
+            except Exception:
+                log.exception("association end could not be recorded")
+
+    def _on_store(self, event: evt.Event) -> int:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        transfer_syntax = str(event.context.transfer_syntax)
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
+            study_uid = str(header.get("StudyInstanceUID", ""))
+            series_uid = str(header.get("SeriesInstanceUID", ""))
+            written = self.spool.store(study_uid, sop_uid, data)
+        except SpoolFull as exc:
+            log.warning("refused: spool full", sop_class=sop_class, error=str(exc))
+            return OUT_OF_RESOURCES
+        except (InvalidDicomError, InvalidUID, ValueError, EOFError, KeyError) as exc:
+            log.warning("refused: cannot understand", sop_class=sop_class, error=str(exc)[:200])
+            return CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("refused: spool write failed", error=str(exc))
+            return OUT_OF_RESOURCES
+        with self._lock:
+            key = self._keys.get(id(event.assoc))
+        stored = StoredInstance(
+            association=key,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=transfer_syntax,
+            modality=header.get("Modality") or None,
+            path=str(written.path),
+            size=written.size,
+            sha256=written.sha256,
+            outcome=written.outcome,
+        )
+        try:
+            self.receiver.instance_stored(stored)
+        except Exception:
+            log.exception("refused: instance could not be recorded", sop_class=sop_class)
+            return OUT_OF_RESOURCES
+        return SUCCESS

@@ -1,0 +1,102 @@
+"""Durable spool of received instances: atomic writes (temp file, fsync, rename, fsync dir).
+
+Paths are built only from validated DICOM UIDs, so a peer-supplied string can never name a
+file outside the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from pydicom.uid import UID
+
+
+class SpoolFull(OSError):
+    """Free space is below the watermark; nothing was written."""
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a valid DICOM UID (and so never becomes part of a path)."""
+
+
+class WriteOutcome(Enum):
+    NEW = "new"
+    IDENTICAL = "identical"
+    CHANGED = "changed"
+
+
+@dataclass(frozen=True)
+class SpoolWrite:
+    path: Path
+    sha256: str
+    size: int
+    outcome: WriteOutcome
+
+
+def check_uid(value: str) -> str:
+    """Return ``value`` if it is a valid DICOM UID (digits and dots, <= 64 chars)."""
+    if not value or not UID(value).is_valid:
+        raise InvalidUID(f"not a valid DICOM UID: {value[:80]!r}")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Spool:
+    """Content-checked storage ``<root>/<study uid>/<sop uid>.dcm``.
+
+    Duplicate policy: identical bytes for a SOP Instance UID are a no-op; different bytes
+    are kept as a new file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is
+    ever overwritten) and reported as ``CHANGED``.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def store(self, study_uid: str, sop_uid: str, data: bytes) -> SpoolWrite:
+        folder = self.root / check_uid(study_uid)
+        path = folder / f"{check_uid(sop_uid)}.dcm"
+        digest = hashlib.sha256(data).hexdigest()
+        if path.exists():
+            if _sha256_of(path) == digest:
+                return SpoolWrite(path, digest, len(data), WriteOutcome.IDENTICAL)
+            path = folder / f"{sop_uid}.{digest[:8]}.dcm"
+            outcome = WriteOutcome.CHANGED
+        else:
+            outcome = WriteOutcome.NEW
+        if self.free_bytes() - len(data) < self.min_free_bytes:
+            raise SpoolFull(f"spool free space below {self.min_free_bytes} bytes")
+        atomic_write(path, data)
+        return SpoolWrite(path, digest, len(data), outcome)
+
+
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

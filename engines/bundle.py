@@ -1,0 +1,221 @@
+"""Model bundles: a directory with ``manifest.json``, the encoder, golden inputs and a model card.
+
+``load_bundle`` reads and validates the manifest, so that a broken bundle fails at install or
+start-up time with a message naming the file and the field, never halfway through a study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+#: Built-in bundles shipped inside the package.
+BUILTIN_DIR = Path(__file__).resolve().parent / "bundles"
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle is missing, or its manifest or files are not what the format requires."""
+
+
+@dataclass(frozen=True)
+class FindingSpec:
+    """One output of a bundle: a coded finding and its operating threshold on the probability."""
+
+    name: str
+    code_value: str
+    code_scheme: str
+    code_meaning: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated model bundle on disk."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    findings: tuple[FindingSpec, ...]
+    intended_use: dict[str, Any]
+    sha256: str
+
+    def file(self, role: str) -> Path:
+        """Path of the bundle file with ``role`` in the manifest's ``files`` (e.g. ``"onnx"``)."""
+        return self.path / self.manifest["files"][role]
+
+
+def builtin_names() -> list[str]:
+    """Names of the bundles shipped with the package."""
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / MANIFEST).is_file())
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The directory of a built-in bundle called ``name_or_path``, or that path itself."""
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text and (BUILTIN_DIR / text / MANIFEST).is_file():
+        return BUILTIN_DIR / text
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    raise BundleError(
+        f"no model bundle {text!r}: not a built-in bundle (available: {', '.join(builtin_names()) or 'none'}) "
+        "and not a directory; pass a built-in name or the path of a bundle directory"
+    )
+
+
+def hash_files(path: Path) -> str:
+    """SHA-256 over the bundle's files (relative paths and contents, sorted; hidden files skipped)."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts)
+    )
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def load_bundle(name_or_path: str | Path) -> Bundle:
+    """Load and validate a bundle: a built-in name (``"demo"``) or a bundle directory."""
+    path = resolve(name_or_path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a model bundle: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc}); fix or reinstall the bundle") from exc
+    check = _Checker(manifest_path)
+    findings = check.manifest(manifest)
+    for role, name in manifest["files"].items():
+        if not (path / name).is_file():
+            raise BundleError(f"{manifest_path}: files.{role} names {name!r}, which is not in {path}")
+    return Bundle(
+        name=manifest["name"],
+        version=manifest["version"],
+        path=path,
+        manifest=manifest,
+        findings=findings,
+        intended_use=manifest["intended_use"],
+        sha256=hash_files(path),
+    )
+
+
+class _Checker:
+    """Validates a manifest, raising BundleError with the manifest path and the field."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+
+    def fail(self, field: str, problem: str) -> NoReturn:
+        raise BundleError(f"{self.where}: {field} {problem}")
+
+    def get(self, obj: dict, key: str, kind: type | tuple[type, ...], field: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            self.fail(f"{field}{key}", "is missing")
+        value = obj[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            self.fail(f"{field}{key}", f"must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def manifest(self, m: Any) -> tuple[FindingSpec, ...]:
+        if not isinstance(m, dict):
+            self.fail("the manifest", "must be a JSON object")
+        if self.get(m, "schema_version", int, "") != SCHEMA_VERSION:
+            self.fail("schema_version", f"is {m['schema_version']}; this Pleura reads version {SCHEMA_VERSION}")
+        for key in ("name", "version", "description", "licence"):
+            if not self.get(m, key, str, "").strip():
+                self.fail(key, "must not be empty")
+        self.get(m, "source", dict, "")
+        self.intended_use(self.get(m, "intended_use", dict, ""))
+        self.input(self.get(m, "input", dict, ""))
+        self.get(self.get(m, "architecture", dict, ""), "name", str, "architecture.")
+        self.outputs(self.get(m, "outputs", dict, ""))
+        files = self.get(m, "files", dict, "")
+        for role in ("onnx", "golden"):
+            self.get(files, role, str, "files.")
+        self.parity(self.get(m, "parity", dict, ""))
+        return self.findings(self.get(m, "findings", list, ""))
+
+    def intended_use(self, use: dict) -> None:
+        for key in ("modalities", "body_parts", "views"):
+            values = self.get(use, key, list, "intended_use.")
+            if not values or not all(isinstance(v, str) for v in values):
+                self.fail(f"intended_use.{key}", "must be a non-empty list of strings")
+        self.get(use, "min_age_years", (int, float), "intended_use.")
+
+    def input(self, spec: dict) -> None:
+        size = self.get(spec, "size", list, "input.")
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            self.fail("input.size", f"must be [height, width] in pixels, got {size!r}")
+        if self.get(spec, "channels", int, "input.") != 1:
+            self.fail("input.channels", "must be 1 (grayscale); other layouts are not supported yet")
+        resize = self.get(spec, "resize", dict, "input.")
+        if self.get(resize, "policy", str, "input.resize.") != "letterbox":
+            self.fail("input.resize.policy", f"is {resize['policy']!r}; supported: 'letterbox'")
+        self.get(resize, "pad_value", (int, float), "input.resize.")
+        norm = self.get(spec, "normalization", dict, "input.")
+        scheme = self.get(norm, "scheme", str, "input.normalization.")
+        keys = {"mean_std": ("mean", "std"), "range": ("low", "high")}.get(scheme)
+        if keys is None:
+            self.fail("input.normalization.scheme", f"is {scheme!r}; supported: 'mean_std', 'range'")
+        for key in keys:
+            self.get(norm, key, (int, float), "input.normalization.")
+        if scheme == "mean_std" and norm["std"] <= 0:
+            self.fail("input.normalization.std", "must be positive")
+
+    def outputs(self, out: dict) -> None:
+        if self.get(out, "embedding_dim", int, "outputs.") <= 0:
+            self.fail("outputs.embedding_dim", "must be positive")
+        size = self.get(self.get(out, "map", dict, "outputs."), "size", list, "outputs.map.")
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            self.fail("outputs.map.size", f"must be [height, width], got {size!r}")
+
+    def parity(self, parity: dict) -> None:
+        tolerance = self.get(parity, "tolerance", dict, "parity.")
+        self.get(tolerance, "fp32", dict, "parity.tolerance.")
+        for precision, limits in tolerance.items():
+            for key in ("embeddings", "probabilities", "maps"):
+                value = self.get(limits, key, (int, float), f"parity.tolerance.{precision}.")
+                if value <= 0:
+                    self.fail(f"parity.tolerance.{precision}.{key}", "must be positive")
+
+    def findings(self, items: list) -> tuple[FindingSpec, ...]:
+        if not items:
+            self.fail("findings", "must list at least one finding")
+        specs = []
+        for i, item in enumerate(items):
+            field = f"findings[{i}]."
+            code = self.get(item, "code", dict, field)
+            threshold = self.get(item, "threshold", (int, float), field)
+            if not 0.0 < threshold < 1.0:
+                self.fail(f"{field}threshold", f"must be a probability in (0, 1), got {threshold}")
+            specs.append(
+                FindingSpec(
+                    name=self.get(item, "name", str, field),
+                    code_value=self.get(code, "value", str, f"{field}code."),
+                    code_scheme=self.get(code, "scheme", str, f"{field}code."),
+                    code_meaning=self.get(code, "meaning", str, f"{field}code."),
+                    threshold=float(threshold),
+                )
+            )
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            self.fail("findings", f"has duplicate names: {names}")
+        return tuple(specs)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

@@ -1,0 +1,58 @@
+"""Shared fixtures: real data, real services (PostgreSQL, RabbitMQ), DCMTK, free ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, reachable
+
+
+@pytest.fixture
+def real_cr() -> Path:
+    if not REAL_CR.is_file():
+        pytest.skip(f"real CR {REAL_CR} absent: the shared data folder is not beside the repo")
+    return REAL_CR
+
+
+@pytest.fixture
+def nih() -> Path:
+    if not (NIH / "labels.csv").is_file():
+        pytest.skip(f"NIH sample {NIH} absent: the shared data folder is not beside the repo")
+    return NIH
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    if not reachable("127.0.0.1", 5432):
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    name = f"pleura_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    if not reachable("127.0.0.1", 5672):
+        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+    return AMQP_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both ledger back-ends through the same models and migrations."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("pg_url")

@@ -1,0 +1,95 @@
+"""The listen role with a real DICOM peer (DCMTK storescu) and both ledger back-ends."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+from tests.support import free_port, require_tool
+from worker.intake import LedgerReceiver
+from worker.ledger import Association, Event, Instance, Study
+from worker.ledger.db import Ledger, upgrade
+from worker.ledger.models import StudyState
+
+
+@pytest.fixture
+def listener(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    upgrade(db_url)
+    ledger = Ledger(db_url)
+    port = free_port()
+    scp = StorageSCP("PLEURA", "127.0.0.1", port, Spool(tmp_path / "spool"), LedgerReceiver(ledger))
+    scp.start()
+    yield ledger, port, tmp_path / "spool"
+    scp.stop()
+    ledger.close()
+
+
+def storescu(port: int, *files: Path, calling: str = "MODALITY1", called: str = "PLEURA") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [require_tool("storescu"), "-v", "-xw", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_real_cr_is_spooled_and_recorded(listener, real_cr: Path) -> None:  # type: ignore[no-untyped-def]
+    ledger, port, spool = listener
+    sent = dcmread(real_cr)
+    result = storescu(port, real_cr)
+    assert result.returncode == 0, result.stderr
+    with ledger.session() as s:
+        instance = s.scalars(select(Instance)).one()
+        study = s.get(Study, instance.study_id)
+        assoc = s.get(Association, instance.association_id)
+        assert instance.sop_instance_uid == sent.SOPInstanceUID
+        assert instance.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID  # stored as sent
+        assert study.study_instance_uid == sent.StudyInstanceUID and study.state == StudyState.RECEIVING
+        assert assoc.calling_ae == "MODALITY1" and assoc.peer_host == "127.0.0.1"
+        assert assoc.ended_at is not None and assoc.end_reason == "released"
+    stored = dcmread(instance.spool_path)
+    assert stored.PixelData == sent.PixelData  # encoded bytes untouched
+    assert Path(instance.spool_path).is_relative_to(spool)
+
+
+def test_identical_duplicate_is_a_noop_and_changed_bytes_are_kept(listener, real_cr: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ledger, port, spool = listener
+    assert storescu(port, real_cr).returncode == 0
+    assert storescu(port, real_cr).returncode == 0
+    changed = dcmread(real_cr)
+    changed.SeriesDescription = "corrected"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path)
+    assert storescu(port, changed_path).returncode == 0
+    with ledger.session() as s:
+        instance = s.scalars(select(Instance)).one()
+        assert instance.times_received == 3
+        kinds = [e.kind for e in s.scalars(select(Event)).all()]
+        assert "instance_changed" in kinds
+    files = sorted(p.name for p in spool.rglob("*.dcm"))
+    assert len(files) == 2  # first copy kept, changed copy beside it
+
+
+def test_invalid_study_uid_is_refused_with_a_status(listener, real_cr: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ledger, port, spool = listener
+    bad = dcmread(real_cr)
+    bad.StudyInstanceUID = "../../etc/passwd"
+    bad_path = tmp_path / "bad.dcm"
+    bad.save_as(bad_path)
+    result = storescu(port, bad_path)
+    assert "Error: CannotUnderstand" in result.stdout + result.stderr  # status 0xC000
+    assert not list(spool.rglob("*.dcm"))
+    with ledger.session() as s:
+        assert s.scalars(select(Instance)).first() is None
+
+
+def test_wrong_called_ae_is_rejected(listener, real_cr: Path) -> None:  # type: ignore[no-untyped-def]
+    ledger, port, spool = listener
+    result = storescu(port, real_cr, called="NOT_PLEURA")
+    assert result.returncode != 0
+    assert "rejected" in (result.stdout + result.stderr).lower()
+    assert not list(spool.rglob("*.dcm"))

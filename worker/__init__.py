@@ -1,0 +1,1 @@
+"""Pleura's application: settings, the ledger, Celery tasks, the pipeline and the CLI."""

@@ -1,0 +1,49 @@
+"""The Celery app: transport only. The ledger decides what runs; tasks just name a row id."""
+
+from __future__ import annotations
+
+import structlog
+from celery import Celery
+
+from worker import delivery, pipeline, runtime
+from worker.settings import Settings
+from worker.sweeper import DELIVER_TASK, PROCESS_TASK
+
+log = structlog.get_logger(__name__)
+
+QUEUE = "pleura"
+
+app = Celery("pleura")
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    task_default_queue=QUEUE,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"polling_interval": 0.2},
+)
+
+
+@app.task(name=PROCESS_TASK)
+def process_job(job_id: int) -> None:
+    pipeline.run_job(runtime.current(), job_id)
+
+
+@app.task(name=DELIVER_TASK)
+def deliver(delivery_id: int) -> None:
+    delivery.deliver(runtime.current(), delivery_id)
+
+
+def configure(settings: Settings) -> Celery:
+    app.conf.broker_url = settings.effective_broker_url
+    return app
+
+
+def publish(task_name: str, row_id: int) -> None:
+    """Send one message; a failure is logged, the sweeper re-publishes from the ledger later."""
+    try:
+        app.send_task(task_name, args=[row_id], queue=QUEUE)
+    except Exception as exc:
+        log.warning("publish failed; the sweeper will retry", task=task_name, id=row_id, error=str(exc))

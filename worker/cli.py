@@ -1,0 +1,215 @@
+"""The ``pleura`` command line: serve, listen, worker, db, send, status, synth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import structlog
+
+from worker.settings import Settings, load_settings
+
+log = structlog.get_logger("pleura")
+
+
+def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
+    from worker import celery_app, runtime
+    from worker.ledger.db import Ledger
+
+    celery_app.configure(settings)
+    rt = runtime.Runtime(settings=settings, ledger=Ledger(settings.effective_database_url),
+                         publish=celery_app.publish)
+    runtime.install(rt)
+    return rt
+
+
+def _require_schema(rt) -> None:  # type: ignore[no-untyped-def]
+    from worker.ledger.db import schema_is_current
+
+    if not schema_is_current(rt.ledger.engine):
+        sys.exit("error: the database schema is not current; run `pleura db upgrade` first")
+
+
+def _start_listener(rt):  # type: ignore[no-untyped-def]
+    from dicom_node.scp import StorageSCP
+    from dicom_node.spool import Spool
+    from worker.intake import LedgerReceiver
+
+    s = rt.settings
+    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port,
+                     Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024), LedgerReceiver(rt.ledger))
+    scp.start()
+    return scp
+
+
+def _start_sweeper(rt):  # type: ignore[no-untyped-def]
+    from worker.sweeper import Sweeper, sweep
+
+    s = rt.settings
+    sweeper = Sweeper(s.sweep_interval_seconds,
+                      lambda: sweep(rt.ledger, s.study_quiet_seconds, s.lease_seconds, rt.publish))
+    sweeper.start()
+    return sweeper
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    """Everything in one process: SQLite, in-process Celery worker, listener, sweeper."""
+    from celery.worker import WorkController
+
+    from worker import celery_app
+    from worker.ledger.db import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    rt = _runtime(settings)
+    rt.engine()
+    work = WorkController(app=celery_app.app, pool_cls="solo", concurrency=1, without_heartbeat=True,
+                          without_mingle=True, without_gossip=True, queues=[celery_app.QUEUE],
+                          loglevel=settings.log_level)
+    threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
+    scp = _start_listener(rt)
+    sweeper = _start_sweeper(rt)
+    log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
+             broker=settings.effective_broker_url.split("://")[0],
+             destinations=[str(d) for d in settings.destinations])
+    _wait_for_signal()
+    sweeper.stop()
+    scp.stop()
+    work.stop(in_sighandler=False)
+
+
+def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
+    """Listener and sweeper; work goes to the broker for ``pleura worker`` processes."""
+    if settings.embedded_broker:
+        sys.exit("error: `pleura listen` needs PLEURA_BROKER_URL (e.g. amqp://guest:guest@host:5672//); "
+                 "use `pleura serve` for the all-in-one")
+    rt = _runtime(settings)
+    _require_schema(rt)
+    scp = _start_listener(rt)
+    sweeper = _start_sweeper(rt) if not args.no_sweeper else None
+    _wait_for_signal()
+    if sweeper:
+        sweeper.stop()
+    scp.stop()
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
+    """A Celery worker that processes studies and delivers results."""
+    if settings.embedded_broker:
+        sys.exit("error: `pleura worker` needs PLEURA_BROKER_URL; use `pleura serve` for the all-in-one")
+    from worker import celery_app
+
+    rt = _runtime(settings)
+    _require_schema(rt)
+    rt.engine()
+    celery_app.app.worker_main([
+        "worker", "--pool=solo", f"--loglevel={settings.log_level}", "-Q", celery_app.QUEUE,
+        "--without-gossip", "--without-mingle", f"--hostname=pleura@%h-{args.name}",
+    ])
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    from worker.ledger.db import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url, args.revision)
+    print(f"database schema at {args.revision}")
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> None:
+    from dicom_node.scu import AssociationRejected, collect_files, send_files
+
+    try:
+        files = collect_files(args.paths)
+        results = send_files(args.host, args.port, files, called_ae=args.called_ae, calling_ae=args.calling_ae)
+    except (FileNotFoundError, AssociationRejected, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    failed = 0
+    for r in results:
+        status = f"0x{r.status:04X}" if r.status is not None else "not sent"
+        print(f"{status}  {r.name}" + (f"  ({r.error})" if r.error else ""))
+        failed += not r.ok
+    print(f"{len(results) - failed} sent, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    from worker.ledger.db import Ledger
+    from worker.status import format_table, recent_studies
+
+    rows = recent_studies(Ledger(settings.effective_database_url), args.limit)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+
+def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
+    from dicom_node.synthetic import TRANSFER_SYNTAXES, write_dataset_folder
+
+    paths = write_dataset_folder(args.images, args.labels, args.out, limit=args.limit,
+                                 modality=args.modality,
+                                 transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax])
+    print(f"wrote {len(paths)} DICOM files to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pleura", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML file with settings (env PLEURA_* wins)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="all-in-one on embedded defaults").set_defaults(func=cmd_serve)
+    p = sub.add_parser("listen", help="DICOM listener + sweeper (production)")
+    p.add_argument("--no-sweeper", action="store_true", help="run the listener only")
+    p.set_defaults(func=cmd_listen)
+    p = sub.add_parser("worker", help="Celery worker: process and deliver (production)")
+    p.add_argument("--name", default="1", help="worker name suffix for Celery's hostname")
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade"])
+    p.add_argument("revision", nargs="?", default="head")
+    p.set_defaults(func=cmd_db)
+    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--calling-ae", default="PLEURA_SCU")
+    p.add_argument("--called-ae", default="PLEURA")
+    p.set_defaults(func=cmd_send)
+    p = sub.add_parser("status", help="recent studies: state, timings, findings, deliveries")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("synth", help="turn NIH ChestX-ray14 PNGs into DICOM CR/DX files")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--modality", choices=["CR", "DX"], default="CR")
+    p.add_argument("--transfer-syntax", default="explicit",
+                   choices=["explicit", "j2k-lossless", "rle", "jpeg-ls"])
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: invalid settings: {exc}")
+    from worker.logging import configure
+
+    configure(settings.log_level)
+    args.func(settings, args)
+
+
+if __name__ == "__main__":
+    main()

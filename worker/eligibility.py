@@ -1,0 +1,63 @@
+"""Eligibility gate: which received images the bundle's intended use covers.
+
+Returns a reason (stored in the ledger and shown by ``pleura status``) or None when eligible.
+Absent attributes do not exclude an image: many PACS strip BodyPartExamined or ViewPosition.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydicom import Dataset
+from pydicom.uid import UID
+
+_SECONDARY_CAPTURE = {
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+}
+_CHEST_WORDS = {"CHEST", "THORAX", "LUNG", "TORAX", "THORAX_CHEST"}
+_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "RLD", "LLD"}
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_in_years(patient_age: str) -> float | None:
+    """Parse an AS value such as ``061Y``; None when absent or malformed."""
+    match = _AGE.match(patient_age.strip()) if patient_age else None
+    return int(match[1]) * _AGE_UNIT_YEARS[match[2]] if match else None
+
+
+def check(ds: Dataset, intended_use: dict, own_uid_root: str) -> str | None:
+    """Why ``ds`` (a header) is not eligible for the bundle, or None if it is."""
+    if str(ds.get("SOPInstanceUID", "")).startswith(own_uid_root):
+        return "produced by Pleura"
+    if "Rows" not in ds or "Columns" not in ds:
+        return f"not an image (SOP class {UID(str(ds.get('SOPClassUID', ''))).name})"
+    modality = str(ds.get("Modality", "")).upper()
+    modalities = {m.upper() for m in intended_use.get("modalities", ["CR", "DX"])}
+    is_sc = str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE
+    if modality not in modalities and not (is_sc and _looks_like_chest(ds)):
+        return f"modality {modality or 'missing'} not in intended use {sorted(modalities)}"
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if body_part and body_part not in _CHEST_WORDS:
+        return f"body part {body_part} is not chest"
+    view = str(ds.get("ViewPosition", "")).upper()
+    views = {v.upper() for v in intended_use.get("views", ["PA", "AP"])}
+    if view in _LATERAL_VIEWS or (view and view not in views):
+        return f"view {view} not in intended use {sorted(views)}"
+    min_age = intended_use.get("min_age_years")
+    age = age_in_years(str(ds.get("PatientAge", "")))
+    if min_age is not None and age is not None and age < float(min_age):
+        return f"patient age below the intended minimum of {min_age} years"
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        return f"photometric interpretation {photometric or 'missing'} unsupported"
+    return None
+
+
+def _looks_like_chest(ds: Dataset) -> bool:
+    text = " ".join(
+        str(ds.get(k, "")) for k in ("BodyPartExamined", "StudyDescription", "SeriesDescription")
+    ).upper()
+    return any(word in text for word in _CHEST_WORDS)

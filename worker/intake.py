@@ -1,0 +1,112 @@
+"""Listen role: records what the SCP received in the ledger (the SCP's Receiver)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dicom_node.scp import Peer, StoredInstance
+from dicom_node.spool import WriteOutcome
+from worker.ledger import Association, Instance, Study
+from worker.ledger.db import Ledger, utcnow
+from worker.ledger.events import record
+from worker.ledger.models import StudyState
+
+
+class LedgerReceiver:
+    """Implements ``dicom_node.scp.Receiver`` on the ledger; every call commits."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def association_opened(self, peer: Peer) -> int:
+        with self.ledger.session() as s:
+            assoc = Association(
+                calling_ae=peer.calling_ae,
+                called_ae=peer.called_ae,
+                peer_host=peer.host,
+                peer_port=peer.port,
+                started_at=utcnow(),
+            )
+            s.add(assoc)
+            s.flush()
+            return assoc.id
+
+    def association_closed(self, key: object, reason: str) -> None:
+        with self.ledger.session() as s:
+            assoc = s.get(Association, key)
+            if assoc is not None:
+                assoc.ended_at = utcnow()
+                assoc.end_reason = reason
+
+    def instance_stored(self, stored: StoredInstance) -> None:
+        for attempt in range(3):
+            try:
+                with self.ledger.session() as s:
+                    self._record(s, stored)
+                return
+            except IntegrityError:
+                if attempt == 2:  # another association created the same rows concurrently
+                    raise
+
+    def _record(self, s: Session, stored: StoredInstance) -> None:
+        now = utcnow()
+        study = s.scalars(
+            select(Study).where(Study.study_instance_uid == stored.study_instance_uid).with_for_update()
+        ).one_or_none()
+        if study is None:
+            study = Study(
+                study_instance_uid=stored.study_instance_uid,
+                state=StudyState.RECEIVING,
+                revision=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            s.add(study)
+            s.flush()
+            record(s, "study_opened", study_id=study.id)
+        instance = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
+        ).one_or_none()
+        if instance is not None and stored.outcome is WriteOutcome.IDENTICAL:
+            instance.times_received += 1
+            return
+        if instance is None:
+            s.add(
+                Instance(
+                    study_id=study.id,
+                    association_id=stored.association,
+                    sop_instance_uid=stored.sop_instance_uid,
+                    sop_class_uid=stored.sop_class_uid,
+                    series_instance_uid=stored.series_instance_uid,
+                    transfer_syntax_uid=stored.transfer_syntax_uid,
+                    modality=stored.modality,
+                    spool_path=stored.path,
+                    size_bytes=stored.size,
+                    sha256=stored.sha256,
+                    received_at=now,
+                )
+            )
+        else:
+            record(
+                s,
+                "instance_changed",
+                study_id=study.id,
+                sop_instance_uid=stored.sop_instance_uid,
+                previous_path=instance.spool_path,
+                previous_sha256=instance.sha256,
+                new_sha256=stored.sha256,
+            )
+            instance.spool_path, instance.sha256 = stored.path, stored.sha256
+            instance.size_bytes, instance.received_at = stored.size, now
+            instance.association_id = stored.association
+            instance.times_received += 1
+            instance.ineligible_reason = None
+        study.last_received_at = now
+        if study.state != StudyState.RECEIVING:
+            record(s, "study_reopened", study_id=study.id, previous_state=study.state,
+                   revision=study.revision + 1)
+            study.state = StudyState.RECEIVING
+            study.revision += 1
+            study.done_at = None

@@ -1,0 +1,27 @@
+"""The ledger: SQLAlchemy models that are the audit trail and every study's source of truth."""
+
+from worker.ledger.models import (
+    Association,
+    Attempt,
+    Base,
+    Delivery,
+    Event,
+    Finding,
+    Instance,
+    Job,
+    OutputObject,
+    Study,
+)
+
+__all__ = [
+    "Association",
+    "Attempt",
+    "Base",
+    "Delivery",
+    "Event",
+    "Finding",
+    "Instance",
+    "Job",
+    "OutputObject",
+    "Study",
+]

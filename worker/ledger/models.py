@@ -1,0 +1,219 @@
+"""Ledger tables. PostgreSQL in production, SQLite for the embedded default, same models.
+
+States are plain strings (see the ``*State`` classes) so that an auditor reads them in SQL.
+Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyState:
+    RECEIVING = "RECEIVING"
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class JobState:
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    SUPERSEDED = "SUPERSEDED"
+
+
+class DeliveryState:
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+class Association(Base):
+    """One inbound DICOM association: who called, from where, when."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(255))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class Study(Base):
+    """A study as Pleura sees it; ``revision`` grows when instances arrive after queueing."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    """One received SOP instance and where its encoded bytes lie in the spool."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    spool_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+    ineligible_reason: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """Processing of one study revision with one model; claimed by a worker with a lease."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    backend: Mapped[str | None] = mapped_column(String(128))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    findings: Mapped[list[Finding]] = relationship(back_populates="job")
+    outputs: Mapped[list[OutputObject]] = relationship(back_populates="job")
+
+
+class Attempt(Base):
+    """One try at a job by one worker; an attempt without ``finished_at`` died mid-way."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Finding(Base):
+    """One model output: a finding's probability on one image, with its operating threshold."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    finding: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool]
+
+    job: Mapped[Job] = relationship(back_populates="findings")
+
+
+class OutputObject(Base):
+    """An SR or SC that Pleura produced, stored in the outbox until delivered."""
+
+    __tablename__ = "output_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    predecessor_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
+
+
+class Delivery(Base):
+    """Sending one output object to one destination, with retries and the final status."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("output_object_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_object_id: Mapped[int] = mapped_column(ForeignKey("output_objects.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    peer_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    output: Mapped[OutputObject] = relationship(back_populates="deliveries")
+
+
+class Event(Base):
+    """Append-only trail of everything that happened; never updated or deleted."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    detail: Mapped[str | None] = mapped_column(Text)

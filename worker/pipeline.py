@@ -1,0 +1,273 @@
+"""Process role: one claimed job from spool to SR + SC in the outbox and delivery rows.
+
+Eligibility gate, decoding, batched inference and the result objects; the ledger is only
+written in one finishing transaction, and only while this worker's lease holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from io import BytesIO
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+
+from dicom_node.pixels import UndecodableImage, decode
+from dicom_node.results.content import Algorithm, Code, FindingResult, ImageResult
+from dicom_node.results.sc import build_sc
+from dicom_node.results.sr import build_sr
+from dicom_node.results.uids import PLEURA_UID_ROOT, derive_uid
+from dicom_node.spool import atomic_write
+from engines import Engine
+from worker import eligibility
+from worker.jobs import LeaseLost, claim, fail, still_owned
+from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
+from worker.ledger.db import utcnow
+from worker.ledger.events import record
+from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.runtime import Runtime
+from worker.version import __version__
+
+log = structlog.get_logger(__name__)
+
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+#: Name of the bundle finding used as the study-level triage summary, when the bundle has it.
+SUMMARY_FINDING = "Abnormal"
+BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class _Source:
+    instance_id: int
+    sop_instance_uid: str
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _Output:
+    kind: str
+    dataset: Dataset
+    path: Path
+    source_sop_instance_uid: str | None = None
+    predecessor_sop_instance_uid: str | None = None
+
+
+def run_job(rt: Runtime, job_id: int) -> None:
+    """Claim, process and finish one job; failures are recorded and retried by the sweeper."""
+    attempt_id = claim(rt.ledger, job_id, rt.settings.lease_seconds)
+    if attempt_id is None:
+        log.info("job not claimed (done, superseded or leased elsewhere)", job_id=job_id)
+        return
+    try:
+        deliveries = _process(rt, job_id, attempt_id)
+    except LeaseLost:
+        log.warning("lease lost; results dropped", job_id=job_id)
+        return
+    except Exception as exc:  # any failure is recorded against the attempt
+        log.exception("job failed", job_id=job_id)
+        fail(rt.ledger, job_id, attempt_id, f"{type(exc).__name__}: {exc}", rt.settings.max_attempts)
+        return
+    for delivery_id in deliveries:
+        rt.publish("pleura.deliver", delivery_id)
+
+
+def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
+    with rt.ledger.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        study_uid = job.study.study_instance_uid
+        sources = [
+            _Source(i.id, i.sop_instance_uid, i.spool_path, i.sha256)
+            for i in sorted(job.study.instances, key=lambda i: i.sop_instance_uid)
+        ]
+        previous_sr = s.scalars(
+            select(OutputObject)
+            .join(Job)
+            .where(Job.study_id == job.study_id, OutputObject.kind == "SR", Job.id != job_id)
+            .order_by(OutputObject.created_at.desc())
+        ).first()
+        previous_sr_path = previous_sr.path if previous_sr else None
+
+    engine = rt.engine()
+    eligible, reasons = _gate(sources, engine.bundle.intended_use)
+    results = _infer(engine, eligible)
+    outputs = _build_outputs(rt, engine, study_uid, results, eligible, previous_sr_path)
+
+    now = utcnow()
+    with rt.ledger.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        if not still_owned(s, job):
+            raise LeaseLost(job_id)
+        for source in sources:
+            instance = s.get(Instance, source.instance_id)
+            assert instance is not None
+            instance.ineligible_reason = reasons.get(source.instance_id)
+        for (source, _ds, _px), result in zip(eligible, results, strict=True):
+            for f in result.findings:
+                s.add(Finding(job_id=job_id, instance_id=source.instance_id, finding=f.name,
+                              probability=f.probability, threshold=f.threshold, positive=f.positive))
+        delivery_ids = _record_outputs(s, rt, job_id, outputs, now)
+        job.state, job.finished_at, job.error = JobState.SUCCEEDED, now, None
+        job.bundle_name, job.bundle_version = engine.bundle.name, engine.bundle.version
+        job.backend = engine.backend
+        attempt = s.get(Attempt, attempt_id)
+        assert attempt is not None
+        attempt.finished_at, attempt.outcome = now, "SUCCEEDED"
+        study = s.get(Study, job.study_id)
+        assert study is not None
+        if study.revision == job.revision:
+            study.state, study.done_at = StudyState.DONE, now
+            study.note = None if eligible else "no eligible images"
+        record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
+               skipped=len(reasons), outputs=len(outputs), backend=engine.backend)
+    log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
+    return delivery_ids
+
+
+def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[tuple[_Source, Dataset, np.ndarray]], dict[int, str]]:
+    """Read, check and decode every instance; return the eligible ones and the reasons of the rest."""
+    eligible: list[tuple[_Source, Dataset, np.ndarray]] = []
+    reasons: dict[int, str] = {}
+    for source in sources:
+        try:
+            ds = dcmread(source.path)
+        except Exception as exc:  # unreadable file: reason in the ledger, study goes on
+            reasons[source.instance_id] = f"unreadable: {type(exc).__name__}"
+            continue
+        reason = eligibility.check(ds, intended_use, PLEURA_UID_ROOT)
+        if reason is None:
+            try:
+                eligible.append((source, ds, decode(ds)))
+                continue
+            except UndecodableImage as exc:
+                reason = str(exc)
+        reasons[source.instance_id] = reason
+    return eligible, reasons
+
+
+def _infer(engine: Engine, eligible: list[tuple[_Source, Dataset, np.ndarray]]) -> list[ImageResult]:
+    bundle = engine.bundle
+    specs = {f.name: f for f in bundle.findings}
+    results: list[ImageResult] = []
+    for start in range(0, len(eligible), BATCH_SIZE):
+        chunk = eligible[start : start + BATCH_SIZE]
+        out = engine.infer([pixels for _, _, pixels in chunk])
+        for row, (_source, ds, pixels) in enumerate(chunk):
+            findings = tuple(
+                FindingResult(
+                    name=name,
+                    code=Code(specs[name].code_value, specs[name].code_scheme, specs[name].code_meaning),
+                    probability=float(out.probabilities[row, col]),
+                    threshold=float(specs[name].threshold),
+                    heatmap=out.maps[row, col],
+                )
+                for col, name in enumerate(out.findings)
+            )
+            results.append(ImageResult(source=ds, pixels=pixels, findings=findings))
+    return results
+
+
+def _build_outputs(
+    rt: Runtime,
+    engine: Engine,
+    study_uid: str,
+    results: list[ImageResult],
+    eligible: list[tuple[_Source, Dataset, np.ndarray]],
+    previous_sr_path: str | None,
+) -> list[_Output]:
+    """One SR per study revision and one SC per image, with UIDs derived from the inputs."""
+    if not results:
+        return []
+    bundle = engine.bundle
+    algorithm = Algorithm(
+        name=bundle.name,
+        version=bundle.version,
+        software_version=__version__,
+        parameters={"bundle_sha256": bundle.sha256[:16]},
+    )
+    input_key = hashlib.sha256(
+        "|".join(f"{src.sop_instance_uid}:{src.sha256}" for src, _, _ in eligible).encode()
+    ).hexdigest()
+    model = (bundle.name, bundle.version)
+    folder = rt.settings.outbox_dir / study_uid
+    outputs: list[_Output] = []
+    for (source, _ds, _px), result in zip(eligible, results, strict=True):
+        sc_uid = derive_uid("sc", source.sop_instance_uid, source.sha256, *model)
+        sc = build_sc(
+            result,
+            algorithm,
+            series_instance_uid=derive_uid("sc-series", study_uid, *model),
+            sop_instance_uid=sc_uid,
+            series_number=SC_SERIES_NUMBER,
+            instance_number=len(outputs) + 1,
+        )
+        outputs.append(_Output("SC", sc, folder / f"{sc_uid}.dcm", source.sop_instance_uid))
+    predecessor = dcmread(previous_sr_path) if previous_sr_path else None
+    sr_uid = derive_uid("sr", study_uid, input_key, *model)
+    if predecessor is not None and str(predecessor.SOPInstanceUID) == sr_uid:
+        predecessor = None
+    sr = build_sr(
+        results,
+        algorithm,
+        series_instance_uid=derive_uid("sr-series", study_uid, *model),
+        sop_instance_uid=sr_uid,
+        series_number=SR_SERIES_NUMBER,
+        instance_number=1,
+        predecessor=predecessor,
+        study_summary=_summary(results),
+    )
+    outputs.append(
+        _Output("SR", sr, folder / f"{sr_uid}.dcm",
+                predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)
+    )
+    for output in outputs:
+        atomic_write(output.path, _encode(output.dataset))
+    return outputs
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _summary(results: list[ImageResult]) -> FindingResult | None:
+    """The study's triage score: the highest per-image value of the summary finding."""
+    candidates = [f for r in results for f in r.findings if f.name == SUMMARY_FINDING]
+    return max(candidates, key=lambda f: f.probability) if candidates else None
+
+
+def _record_outputs(s, rt: Runtime, job_id: int, outputs: list[_Output], now) -> list[int]:  # type: ignore[no-untyped-def]
+    """Insert output objects (skipping UIDs already produced) and one delivery per destination."""
+    delivery_ids: list[int] = []
+    for output in outputs:
+        uid = str(output.dataset.SOPInstanceUID)
+        if s.scalars(select(OutputObject.id).where(OutputObject.sop_instance_uid == uid)).first():
+            continue
+        obj = OutputObject(
+            job_id=job_id,
+            kind=output.kind,
+            sop_instance_uid=uid,
+            sop_class_uid=str(output.dataset.SOPClassUID),
+            series_instance_uid=str(output.dataset.SeriesInstanceUID),
+            source_sop_instance_uid=output.source_sop_instance_uid,
+            predecessor_sop_instance_uid=output.predecessor_sop_instance_uid,
+            path=str(output.path),
+            created_at=now,
+        )
+        s.add(obj)
+        s.flush()
+        for destination in rt.settings.destinations:
+            delivery = Delivery(output_object_id=obj.id, destination=str(destination),
+                                state=DeliveryState.PENDING, next_attempt_at=now, published_at=now)
+            s.add(delivery)
+            s.flush()
+            delivery_ids.append(delivery.id)
+    return delivery_ids

@@ -1,0 +1,49 @@
+"""What one Pleura process holds: settings, the ledger, the spool, loaded engines, a publisher."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from engines import Engine, load, load_bundle
+from worker.ledger.db import Ledger
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    ledger: Ledger
+    publish: Callable[[str, int], None]
+    _engines: dict[str, Engine] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def engine(self) -> Engine:
+        """The configured model, loaded once per process (the parity gate runs at load)."""
+        with self._lock:
+            key = f"{self.settings.model}|{self.settings.backend}"
+            if key not in self._engines:
+                bundle = load_bundle(self.settings.model)
+                engine = load(bundle, backend=self.settings.backend)
+                log.info("model loaded", bundle=bundle.name, version=bundle.version, backend=engine.backend)
+                self._engines[key] = engine
+            return self._engines[key]
+
+
+_current: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no Pleura runtime in this process; start it with the pleura CLI")
+    return _current

@@ -1,0 +1,124 @@
+"""Settings from the environment (prefix ``PLEURA_``) and an optional TOML file."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives results: ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DESTINATION.match(text.strip())
+        if not match:
+            raise ValueError(f"destination {text!r} is not of the form AET@host:port")
+        return cls(match["aet"].strip(), match["host"], int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Everything Pleura reads at start-up. Environment beats the TOML file beats defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PLEURA_", extra="forbid")
+    toml_file: ClassVar[Path | None] = None
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    ae_title: str = "PLEURA"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    study_quiet_seconds: float = 10.0
+    model: str = "demo"
+    backend: str = "auto"
+    sweep_interval_seconds: float = 2.0
+    lease_seconds: float = 120.0
+    max_attempts: int = 3
+    delivery_max_attempts: int = 6
+    delivery_backoff_seconds: float = 2.0
+    min_free_disk_mb: int = 500
+    log_level: str = "INFO"
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> list[Destination]:
+        if value is None or value == "":
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        return [i if isinstance(i, Destination) else Destination.parse(i) for i in items if i]
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not 0 < len(value) <= 16 or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'pleura.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker is configured: Celery runs in this process (``memory://``)."""
+        return not self.broker_url or self.broker_url.startswith("memory://")
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "memory://"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings; ``config`` is a TOML file whose keys are the field names (no prefix)."""
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config file {config} does not exist")
+
+    class _FromFile(Settings):
+        toml_file = config
+
+    return _FromFile(**overrides)

@@ -1,0 +1,126 @@
+"""Assemble role: a periodic sweep over ledger timestamps that queues and re-queues work.
+
+The sweep is the only place that decides a study is complete (quiet for the configured
+period) and the only place that re-publishes lost work, so a restart of any process loses
+nothing: the next sweep finds what the ledger says is due. Several sweepers may run at once;
+every transition is a conditional UPDATE that only one of them wins.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import and_, or_, select, update
+
+from worker.ledger import Delivery, Job, Study
+from worker.ledger.db import Ledger, utcnow
+from worker.ledger.events import record
+from worker.ledger.models import DeliveryState, JobState, StudyState
+
+log = structlog.get_logger(__name__)
+
+#: publish(task_name, id) sends one Celery message.
+Publish = Callable[[str, int], None]
+
+PROCESS_TASK = "pleura.process_job"
+DELIVER_TASK = "pleura.deliver"
+
+
+@dataclass
+class SweepReport:
+    queued: list[int] = field(default_factory=list)
+    republished_jobs: list[int] = field(default_factory=list)
+    published_deliveries: list[int] = field(default_factory=list)
+
+
+def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish) -> SweepReport:
+    """Queue quiet studies, re-publish expired jobs and due deliveries; publish after commit."""
+    report = SweepReport()
+    now = utcnow()
+    with ledger.session() as s:
+        due = s.execute(
+            select(Study.id, Study.revision).where(
+                Study.state == StudyState.RECEIVING,
+                Study.last_received_at < now - timedelta(seconds=quiet_seconds),
+            )
+        ).all()
+    for study_id, revision in due:
+        with ledger.session() as s:
+            won = s.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.state == StudyState.RECEIVING,
+                    Study.revision == revision,
+                    Study.last_received_at < now - timedelta(seconds=quiet_seconds),
+                )
+                .values(state=StudyState.QUEUED, queued_at=now)
+            ).rowcount
+            if won:
+                job = Job(study_id=study_id, revision=revision, state=JobState.QUEUED,
+                          created_at=now, published_at=now)
+                s.add(job)
+                s.flush()
+                record(s, "study_queued", study_id=study_id, job_id=job.id, revision=revision)
+                report.queued.append(job.id)
+
+    stale = now - timedelta(seconds=republish_seconds)
+    with ledger.session() as s:
+        jobs = s.scalars(
+            select(Job).where(
+                or_(
+                    Job.state == JobState.QUEUED,
+                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+                ),
+                or_(Job.published_at.is_(None), Job.published_at < stale),
+            ).with_for_update(skip_locked=True)
+        ).all()
+        for job in jobs:
+            job.published_at = now
+            record(s, "job_republished", study_id=job.study_id, job_id=job.id, state=job.state)
+            report.republished_jobs.append(job.id)
+        deliveries = s.scalars(
+            select(Delivery).where(
+                or_(
+                    and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
+                    and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
+                ),
+                or_(Delivery.published_at.is_(None), Delivery.published_at < stale),
+            ).with_for_update(skip_locked=True)
+        ).all()
+        for delivery in deliveries:
+            delivery.published_at = now
+            report.published_deliveries.append(delivery.id)
+
+    for job_id in report.queued + report.republished_jobs:
+        publish(PROCESS_TASK, job_id)
+    for delivery_id in report.published_deliveries:
+        publish(DELIVER_TASK, delivery_id)
+    if report.queued or report.republished_jobs:
+        log.info("sweep", queued=report.queued, republished=report.republished_jobs)
+    return report
+
+
+class Sweeper(threading.Thread):
+    """Runs :func:`sweep` every ``interval`` seconds until ``stop()``; errors are logged."""
+
+    def __init__(self, interval: float, run_once: Callable[[], object]) -> None:
+        super().__init__(name="pleura-sweeper", daemon=True)
+        self.interval = interval
+        self.run_once = run_once
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("sweep failed; retrying at the next interval")
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
