@@ -7,18 +7,14 @@ as 12-bit MONOCHROME2 with the original pixel spacing, view position, age and se
 ``SYNTH^P00000075`` / ``NIH-00000075`` with a birth date consistent with the listed age,
 and all UIDs are derived from the image name (see :mod:`dicom_node.results.uids`).
 
-Command line::
-
-    python -m dicom_node.synthetic IMAGES_DIR LABELS_CSV OUT_DIR [--limit N]
-        [--modality CR|DX] [--transfer-syntax explicit|j2k|rle|jpegls]
+Command line: ``pleura synth --images DIR --labels CSV --out DIR [--limit N] [--modality CR|DX]
+[--transfer-syntax explicit|j2k|rle|jpegls] [--same-study]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -85,7 +81,7 @@ def png_to_dataset(
         _add_dx_modules(ds, row["view"])
     ds.file_meta = _file_meta(ds)
     if transfer_syntax.is_compressed:
-        ds.compress(transfer_syntax, pixels)
+        ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
     return ds
 
 
@@ -97,19 +93,25 @@ def write_dataset_folder(
     limit: int | None = None,
     modality: str = "CR",
     transfer_syntax: str = ExplicitVRLittleEndian,
+    single_study: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Write one ``<image stem>.dcm`` per labels row (the first ``limit`` rows) to ``out_dir``.
 
-    ``progress(done, total)`` is called after each file.
+    ``single_study`` puts every image into one study of the first row's patient (a
+    multi-image study for pipeline and fault tests). ``progress(done, total)`` is called
+    after each file.
     """
     rows = read_labels(labels_csv)[:limit]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    study_uid = derive_uid("synthetic-study", rows[0]["image"]) if single_study and rows else None
     for done, row in enumerate(rows, start=1):
+        if single_study:
+            row = {**row, **{k: rows[0][k] for k in ("patient_id", "follow_up", "age", "sex")}}
         ds = png_to_dataset(Path(images_dir) / row["image"], row, modality=modality,
-                            transfer_syntax=transfer_syntax)
+                            transfer_syntax=transfer_syntax, study_uid=study_uid)
         path = out / f"{Path(row['image']).stem}.dcm"
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
@@ -241,28 +243,3 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; prints progress to stderr."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("images_dir", type=Path)
-    parser.add_argument("labels_csv", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--modality", choices=sorted(_SOP_CLASSES), default="CR")
-    parser.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES), default="explicit")
-    args = parser.parse_args(argv)
-
-    def report(done: int, total: int) -> None:
-        print(f"\r{done}/{total} written", end="\n" if done == total else "", file=sys.stderr)
-
-    write_dataset_folder(args.images_dir, args.labels_csv, args.out_dir, limit=args.limit,
-                         modality=args.modality,
-                         transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax],
-                         progress=report)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -177,9 +177,12 @@ class _Checker:
     def outputs(self, out: dict) -> None:
         if self.get(out, "embedding_dim", int, "outputs.") <= 0:
             self.fail("outputs.embedding_dim", "must be positive")
-        size = self.get(self.get(out, "map", dict, "outputs."), "size", list, "outputs.map.")
+        maps = self.get(out, "map", dict, "outputs.")
+        size = self.get(maps, "size", list, "outputs.map.")
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
             self.fail("outputs.map.size", f"must be [height, width], got {size!r}")
+        if self.get(maps, "feature_stride", int, "outputs.map.") <= 0:
+            self.fail("outputs.map.feature_stride", "must be positive")
 
     def parity(self, parity: dict) -> None:
         tolerance = self.get(parity, "tolerance", dict, "parity.")

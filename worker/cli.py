@@ -155,9 +155,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
     from dicom_node.synthetic import TRANSFER_SYNTAXES, write_dataset_folder
 
+    def report(done: int, total: int) -> None:
+        print(f"\r{done}/{total} written", end="\n" if done == total else "", file=sys.stderr)
+
     paths = write_dataset_folder(args.images, args.labels, args.out, limit=args.limit,
                                  modality=args.modality,
-                                 transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax])
+                                 transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax],
+                                 single_study=args.same_study, progress=report)
     print(f"wrote {len(paths)} DICOM files to {args.out}")
 
 
@@ -193,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--modality", choices=["CR", "DX"], default="CR")
-    p.add_argument("--transfer-syntax", default="explicit",
-                   choices=["explicit", "j2k-lossless", "rle", "jpeg-ls"])
+    p.add_argument("--transfer-syntax", default="explicit", choices=["explicit", "j2k", "rle", "jpegls"])
+    p.add_argument("--same-study", action="store_true", help="all images in one study of one patient")
     p.set_defaults(func=cmd_synth)
     return parser
 

@@ -28,9 +28,13 @@ def age_in_years(patient_age: str) -> float | None:
     return int(match[1]) * _AGE_UNIT_YEARS[match[2]] if match else None
 
 
-def check(ds: Dataset, intended_use: dict, own_uid_root: str) -> str | None:
+#: Manufacturer that Pleura writes into its own SR and SC objects.
+OWN_MANUFACTURER = "Pleura"
+
+
+def check(ds: Dataset, intended_use: dict) -> str | None:
     """Why ``ds`` (a header) is not eligible for the bundle, or None if it is."""
-    if str(ds.get("SOPInstanceUID", "")).startswith(own_uid_root):
+    if str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER:
         return "produced by Pleura"
     if "Rows" not in ds or "Columns" not in ds:
         return f"not an image (SOP class {UID(str(ds.get('SOPClassUID', ''))).name})"

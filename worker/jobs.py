@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from datetime import timedelta
 
 from sqlalchemy import and_, or_, select, update
@@ -92,3 +93,39 @@ def fail(ledger: Ledger, job_id: int, attempt_id: int, error: str, max_attempts:
         job.state, job.published_at, job.lease_owner = JobState.QUEUED, None, None
         record(s, "job_retry", study_id=study.id, job_id=job.id, attempts=job.attempts, error=error[:500])
         return True
+
+
+def renew(ledger: Ledger, job_id: int, lease_seconds: float) -> bool:
+    """Extend our lease; False when it was lost (another worker may have taken over)."""
+    now = utcnow()
+    with ledger.session() as s:
+        return bool(
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == WORKER_ID,
+                       Job.lease_expires_at > now)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            ).rowcount
+        )
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a job's lease every third of its length while the job runs."""
+
+    def __init__(self, ledger: Ledger, job_id: int, lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.ledger, self.job_id, self.lease_seconds = ledger, job_id, lease_seconds
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.lease_seconds / 3):
+            if not renew(self.ledger, self.job_id, self.lease_seconds):
+                return
+
+    def __enter__(self) -> LeaseKeeper:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self.join()

@@ -7,8 +7,8 @@ written in one finishing transaction, and only while this worker's lease holds.
 from __future__ import annotations
 
 import hashlib
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,11 @@ from dicom_node.pixels import UndecodableImage, decode
 from dicom_node.results.content import Algorithm, Code, FindingResult, ImageResult
 from dicom_node.results.sc import build_sc
 from dicom_node.results.sr import build_sr
-from dicom_node.results.uids import PLEURA_UID_ROOT, derive_uid
+from dicom_node.results.uids import derive_uid
 from dicom_node.spool import atomic_write
 from engines import Engine
 from worker import eligibility
-from worker.jobs import LeaseLost, claim, fail, still_owned
+from worker.jobs import LeaseKeeper, LeaseLost, claim, fail, still_owned
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import utcnow
 from worker.ledger.events import record
@@ -65,7 +65,8 @@ def run_job(rt: Runtime, job_id: int) -> None:
         log.info("job not claimed (done, superseded or leased elsewhere)", job_id=job_id)
         return
     try:
-        deliveries = _process(rt, job_id, attempt_id)
+        with LeaseKeeper(rt.ledger, job_id, rt.settings.lease_seconds):
+            deliveries = _process(rt, job_id, attempt_id)
     except LeaseLost:
         log.warning("lease lost; results dropped", job_id=job_id)
         return
@@ -141,7 +142,7 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[tuple[_Sourc
         except Exception as exc:  # unreadable file: reason in the ledger, study goes on
             reasons[source.instance_id] = f"unreadable: {type(exc).__name__}"
             continue
-        reason = eligibility.check(ds, intended_use, PLEURA_UID_ROOT)
+        reason = eligibility.check(ds, intended_use)
         if reason is None:
             try:
                 eligible.append((source, ds, decode(ds)))
@@ -188,6 +189,7 @@ def _build_outputs(
     bundle = engine.bundle
     algorithm = Algorithm(
         name=bundle.name,
+        manufacturer=eligibility.OWN_MANUFACTURER,
         version=bundle.version,
         software_version=__version__,
         parameters={"bundle_sha256": bundle.sha256[:16]},

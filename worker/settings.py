@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     model: str = "demo"
     backend: str = "auto"
     sweep_interval_seconds: float = 2.0
-    lease_seconds: float = 120.0
+    lease_seconds: float = 60.0
     max_attempts: int = 3
     delivery_max_attempts: int = 6
     delivery_backoff_seconds: float = 2.0

@@ -1,0 +1,16 @@
+# Quick start: `make run` (Pleura on embedded defaults) and `make test` (the test suite).
+.PHONY: run test lint venv
+
+venv:
+	@[ -x .venv/bin/python ] || python3 -m venv .venv
+	@.venv/bin/pip install -q --disable-pip-version-check -e .
+
+run: venv
+	.venv/bin/pleura serve
+
+test:
+	bash .ci/setup
+	.venv/bin/pytest -q
+
+lint:
+	.venv/bin/ruff check worker dicom_node engines tests

@@ -1,0 +1,59 @@
+"""What the SR and SC builders share: wording, source header copies, equipment."""
+
+from __future__ import annotations
+
+import copy
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.results.content import Algorithm
+
+#: Burned into every SC and written into every SR.
+DISCLAIMER = "AI result - not for primary diagnosis"
+
+_LO_MAX = 64
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Type 2 patient/study attributes the builders copy; added empty when a source lacks them.
+_TYPE2_IDENTITY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+)
+
+
+def series_description(kind: str, algorithm: Algorithm) -> str:
+    """E.g. ``AI findings (demo 0.1.0) - not for primary diagnosis`` (at most 64 chars)."""
+    suffix = ") - not for primary diagnosis"
+    prefix = f"AI {kind} ("
+    label = f"{algorithm.name} {algorithm.version}"[: _LO_MAX - len(prefix) - len(suffix)]
+    return f"{prefix}{label}{suffix}"
+
+
+def source_header(source: Dataset) -> Dataset:
+    """A copy of ``source`` without pixel data; missing type 2 identity attributes empty."""
+    header = Dataset()
+    for element in source:
+        if element.tag not in _PIXEL_TAGS:
+            header.add(copy.deepcopy(element))
+    for keyword in _TYPE2_IDENTITY:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def processing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
+    """Contributing Equipment item for the model (purpose DCM 109102 "Processing Equipment").
+
+    Software Versions holds ``model <version>`` then ``software <software_version>``.
+    """
+    return hd.ContributingEquipment(
+        manufacturer=algorithm.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name[:_LO_MAX],
+        software_versions=[
+            f"model {algorithm.version}"[:_LO_MAX],
+            f"software {algorithm.software_version}"[:_LO_MAX],
+        ],
+        contribution_description=f"AI model {algorithm.name} {algorithm.version}"[:1024],
+    )

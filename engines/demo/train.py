@@ -1,0 +1,338 @@
+"""Train the built-in ``demo`` bundle on the NIH ChestX-ray14 sample, evaluate it, write the bundle.
+
+    python -m engines.demo.train --data ../shared/data/nih-cxr14-sample --out engines/bundles/demo
+
+Images go through exactly the inference path: PNG / 255 -> :func:`engines.preprocess.geometry`
+(letterbox) -> :func:`engines.preprocess.normalize`; augmentation acts on the letterboxed
+[0, 1] image. The split is patient-level (one image per patient in the sample), seeded and
+stratified on the label combination. The held-out part is never used for training or
+model selection: only for the reported AUCs and for choosing the operating thresholds.
+Runs on CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from engines.architectures import OUTPUT_NAMES, build
+from engines.backends.ort import INPUT_NAME
+from engines.backends.pytorch import TorchBackend
+from engines.bundle import MANIFEST, SCHEMA_VERSION, load_bundle
+from engines.demo import card
+from engines.demo.metrics import auc, bootstrap_auc_ci, roc_curve, youden_threshold
+from engines.preprocess import geometry, normalize, resize
+from engines.runtime import Engine, load
+
+NAME, VERSION = "demo", "0.1.0"
+
+#: (name, SNOMED CT code, code meaning, NIH labels that make it positive; None = any finding).
+FINDINGS: list[tuple[str, str, str, frozenset[str] | None]] = [
+    ("Cardiomegaly", "8186001", "Cardiomegaly", frozenset({"Cardiomegaly"})),
+    ("Effusion", "60046008", "Pleural effusion", frozenset({"Effusion"})),
+    ("Atelectasis", "46621007", "Atelectasis", frozenset({"Atelectasis"})),
+    ("Infiltration", "409609008", "Radiologic infiltrate of lung", frozenset({"Infiltration"})),
+    ("Abnormal", "263654008", "Abnormal", None),
+]
+#: Column of the reference CheXNet predictions compared with each finding (None: max over all 14).
+CHEXNET_COLUMN = {"Cardiomegaly": "prob_Cardiomegaly", "Effusion": "prob_Effusion",
+                  "Atelectasis": "prob_Atelectasis", "Infiltration": "prob_Infiltration", "Abnormal": None}
+
+ARCHITECTURE = {"name": "cam_cnn", "widths": [16, 32, 64, 96, 160], "dropout": 0.2}
+SIZE = (256, 256)
+MAP_SIZE = [32, 32]
+TOLERANCE = {
+    "fp32": {"embeddings": 1e-4, "probabilities": 1e-4, "maps": 1e-4},
+    "fp16": {"embeddings": 5e-2, "probabilities": 1e-2, "maps": 2e-2},
+}
+
+
+def _log(message: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+
+def read_dataset(data: Path) -> tuple[list[dict[str, str]], np.ndarray, list[np.ndarray]]:
+    """Rows of labels.csv, the (N, F) label matrix, and the images as uint8 arrays."""
+    with open(data / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.zeros((len(rows), len(FINDINGS)), dtype=np.float32)
+    images = []
+    for i, row in enumerate(rows):
+        present = set(row["findings"].split("|")) - {"No Finding"}
+        for j, (_, _, _, positives) in enumerate(FINDINGS):
+            labels[i, j] = bool(present & positives) if positives is not None else bool(present)
+        with Image.open(data / "images" / row["image"]) as im:
+            images.append(np.asarray(im if im.mode == "L" else im.convert("L")))
+    return rows, labels, images
+
+
+def split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split stratified on the label combination: (train indices, held-out indices)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    keys = labels[order] @ (2.0 ** np.arange(labels.shape[1]))
+    order = order[np.argsort(keys, kind="stable")]
+    step = round(1 / fraction)
+    held = np.sort(order[rng.integers(step) :: step])
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Light augmentation of letterboxed [0, 1] images (B, H, W): intensity, then small affine."""
+    b = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    gamma, contrast, shift = uniform(0.8, 1.25), uniform(0.9, 1.1), uniform(-0.05, 0.05)
+    x = x.clamp_min(1e-6) ** gamma[:, None, None]
+    x = ((x - 0.5) * contrast[:, None, None] + 0.5 + shift[:, None, None]).clamp(0.0, 1.0)
+    angle, scale = uniform(-7, 7) * math.pi / 180, uniform(0.9, 1.1)
+    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, [b, 1, *x.shape[1:]], align_corners=False)
+    return F.grid_sample(x[:, None], grid, padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def train_model(x: np.ndarray, y: np.ndarray, norm: dict[str, Any], args: argparse.Namespace,
+                start: float) -> torch.nn.Module:
+    """Fit the architecture on letterboxed images ``x`` (N, H, W) with labels ``y`` (N, F)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    model = build(ARCHITECTURE, num_findings=y.shape[1])
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    prevalence = yt.mean(0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(1 - prevalence) / prevalence)
+    steps = len(x) // args.batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps,
+                                                   pct_start=0.15)
+    for epoch in range(args.epochs):
+        model.train()
+        perm, total = torch.randperm(len(x), generator=gen), 0.0
+        for step in range(steps):
+            idx = perm[step * args.batch : (step + 1) * args.batch]
+            batch = normalize(augment(xt[idx], gen), norm)[:, None]
+            _, logits, _ = model(batch)
+            loss = loss_fn(logits, yt[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        _log(f"epoch {epoch + 1}/{args.epochs} loss {total / steps:.4f}", start)
+    return model.eval()
+
+
+def golden_inputs(mean_image: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Four non-patient images of varied sizes and aspects for the parity gate.
+
+    The average of all training images (no single patient), a smooth random field, uniform
+    noise, and a gradient with a bright disc.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:300, 0:120]
+    disc = ((rows - 180) ** 2 + (cols - 50) ** 2 < 30**2) * 0.5
+    images = [
+        resize(mean_image, 180, 164),
+        resize(rng.random((12, 26), dtype=np.float32), 97, 211),
+        rng.random((64, 64), dtype=np.float32),
+        rows / 299.0 * 0.5 + disc,
+    ]
+    return [np.clip(im, 0.0, 1.0).astype(np.float32) for im in images]
+
+
+def manifest(norm: dict[str, Any], thresholds: dict[str, float], evaluation: dict[str, Any] | None,
+             training: dict[str, Any], embedding_dim: int, stride: int) -> dict[str, Any]:
+    files = {"onnx": "encoder.onnx", "torch_state_dict": "weights.pt", "golden": "golden.npz"}
+    if evaluation is not None:
+        files |= {"model_card": "MODEL_CARD.md", "roc_plot": "roc.png"}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": NAME,
+        "version": VERSION,
+        "description": (
+            "Small demonstration CNN (about 0.37 M parameters) trained from scratch on 392 NIH "
+            "ChestX-ray14 images; per-finding probabilities, a 160-d embedding and class activation "
+            "maps. NOT FOR CLINICAL USE: it exists to exercise Pleura end to end. See MODEL_CARD.md."
+        ),
+        "licence": "Apache-2.0 (weights and code); training data NIH ChestX-ray14 (no use restrictions, attribution required)",
+        "source": {
+            "training_data": "NIH ChestX-ray14, 490-image sample downsampled to 512x512 (../shared/data/nih-cxr14-sample)",
+            "attribution": (
+                "Images provided by the NIH Clinical Center. Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. "
+                "ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks on Weakly-Supervised "
+                "Classification and Localization of Common Thorax Diseases. CVPR 2017."
+            ),
+            "built_by": "python -m engines.demo.train --data ../shared/data/nih-cxr14-sample --out engines/bundles/demo",
+        },
+        "intended_use": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "views": ["PA", "AP"], "min_age_years": 18},
+        "input": {
+            "size": list(SIZE),
+            "channels": 1,
+            "photometric_interpretation": "MONOCHROME2",
+            "pixel_range": [0.0, 1.0],
+            "resize": {
+                "policy": "letterbox",
+                "pad_value": 0.0,
+                "filter": "separable antialiased tent filter (bilinear when enlarging)",
+                "description": (
+                    "The whole image is scaled to fit input.size with its aspect ratio kept, centred, "
+                    "and the rest filled with pad_value (black) before normalization; nothing is cropped."
+                ),
+            },
+            "normalization": norm,
+        },
+        "architecture": ARCHITECTURE,
+        "outputs": {
+            "embedding_dim": embedding_dim,
+            "probabilities": "sigmoid of one linear head per finding on the embedding",
+            "map": {
+                "method": "CAM (final feature map x head weights + bias)",
+                "feature_stride": stride,
+                "size": MAP_SIZE,
+                "description": (
+                    "Per finding, sigmoid of the local logit bilinearly sampled over the original "
+                    "image's extent (padding excluded): map[0, 0] is the image's top-left corner, "
+                    "the map spans the whole image; the mean local logit equals the image logit."
+                ),
+            },
+        },
+        "findings": [
+            {
+                "name": name,
+                "code": {"value": code, "scheme": "SCT", "meaning": meaning},
+                "threshold": float(thresholds[name]),
+                "threshold_rule": "Youden's J on the held-out split",
+                "label_source": "NIH ChestX-ray14 label " + (repr(name) if positives else "other than 'No Finding'"),
+            }
+            for name, code, meaning, positives in FINDINGS
+        ],
+        "files": files,
+        "parity": {
+            "tolerance": TOLERANCE,
+            "description": (
+                "Max absolute difference from golden.npz per output. A backend may run at a precision "
+                "only if a tolerance is stated for it."
+            ),
+        },
+        "training": training,
+        "evaluation": evaluation,
+    }
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, chexnet: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Held-out AUC (bootstrap 95% CI), Youden threshold and the reference CheXNet AUC per finding."""
+    per_finding = {}
+    for j, (name, *_rest) in enumerate(FINDINGS):
+        y, p = labels[:, j].astype(bool), probs[:, j]
+        lo, hi = bootstrap_auc_ci(y, p, seed=j)
+        threshold, sens, spec = youden_threshold(y, p)
+        per_finding[name] = {
+            "n_positive": int(y.sum()), "n": len(y), "auc": round(auc(y, p), 4),
+            "auc_ci95": [round(lo, 4), round(hi, 4)], "threshold": threshold,
+            "sensitivity": round(sens, 4), "specificity": round(spec, 4),
+            "chexnet_auc_same_images": round(auc(y, chexnet[name]), 4),
+        }
+    return {
+        "split": "held-out 20%, patient-level (one image per patient), seeded, stratified on label combination",
+        "findings": per_finding,
+        "mean_auc": round(float(np.mean([v["auc"] for v in per_finding.values()])), 4),
+        "chexnet_note": (
+            "Reference CheXNet (DenseNet-121 trained on the full ChestX-ray14 training set) scored on the "
+            "same held-out images; for Abnormal its score is the maximum of its 14 probabilities."
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="nih-cxr14-sample directory")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--holdout", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, labels, images = read_dataset(args.data)
+    train_idx, held_idx = split(labels, args.holdout, args.seed)
+    _log(f"{len(rows)} images: {len(train_idx)} train, {len(held_idx)} held out", start)
+    spec = {"size": list(SIZE), "resize": {"pad_value": 0.0}}
+    boxed, _ = geometry([images[i] / np.float32(255) for i in train_idx], spec)
+    norm = {"scheme": "mean_std", "mean": round(float(boxed.mean()), 4), "std": round(float(boxed.std()), 4)}
+    model = train_model(boxed, labels[train_idx], norm, args, start)
+
+    torch.save(model.state_dict(), out / "weights.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (torch.zeros(1, 1, *SIZE),), str(out / "encoder.onnx"), dynamo=False, opset_version=17,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+        )
+    training = {
+        "split_seed": args.seed, "n_train": len(train_idx), "n_held_out": len(held_idx), "epochs": args.epochs,
+        "batch": args.batch, "optimizer": f"AdamW lr {args.lr} one-cycle, weight decay {args.weight_decay}",
+        "loss": "binary cross-entropy, positives weighted by negatives/positives per finding",
+        "augmentation": "gamma 0.8-1.25, contrast 0.9-1.1, brightness +-0.05, rotation +-7 deg, scale 0.9-1.1, shift +-6%",
+    }
+    embedding_dim, stride = ARCHITECTURE["widths"][-1], model.stride
+    provisional = manifest(norm, {n: 0.5 for n, *_ in FINDINGS}, None, training, embedding_dim, stride)
+    (out / MANIFEST).write_text(json.dumps(provisional, indent=2) + "\n")
+
+    goldens = golden_inputs(boxed.mean(axis=0), args.seed)
+    np.savez_compressed(out / "golden.npz", **{f"input_{i}": g for i, g in enumerate(goldens)})
+    reference = Engine(load_bundle(out), TorchBackend(load_bundle(out), device="cpu")).infer(goldens)
+    np.savez_compressed(
+        out / "golden.npz", **{f"input_{i}": g for i, g in enumerate(goldens)},
+        embeddings=reference.embeddings, probabilities=reference.probabilities, maps=reference.maps,
+    )
+    engine = load(out, backend="onnxruntime")
+    _log(f"exported; {engine.backend} passes the parity gate ({engine.parity.describe()})", start)
+
+    probs = engine.infer([images[i] / np.float32(255) for i in held_idx]).probabilities
+    with open(args.data / "reference_chexnet_predictions.csv", newline="") as f:
+        chex_rows = {r["Image Index"]: r for r in csv.DictReader(f)}
+    held_rows = [chex_rows[rows[i]["image"]] for i in held_idx]
+    chexnet = {
+        name: np.array([float(r[col]) if col else max(float(v) for k, v in r.items() if k.startswith("prob_"))
+                        for r in held_rows])
+        for name, col in CHEXNET_COLUMN.items()
+    }
+    evaluation = evaluate(probs, labels[held_idx], chexnet)
+    thresholds = {name: v["threshold"] for name, v in evaluation["findings"].items()}
+    for name, v in evaluation["findings"].items():
+        _log(f"{name}: AUC {v['auc']:.3f} {v['auc_ci95']} ({v['n_positive']}/{v['n']} positive), "
+             f"CheXNet {v['chexnet_auc_same_images']:.3f}, threshold {v['threshold']:.4f}", start)
+    final = manifest(norm, thresholds, evaluation, training, embedding_dim, stride)
+    curves = {name: roc_curve(labels[held_idx, j], probs[:, j])[:2] for j, (name, *_r) in enumerate(FINDINGS)}
+    card.roc_plot(curves, {n: v["auc"] for n, v in evaluation["findings"].items()}, out / "roc.png")
+    (out / "MODEL_CARD.md").write_text(card.model_card(final))
+    (out / MANIFEST).write_text(json.dumps(final, indent=2) + "\n")
+    for backend in ("onnxruntime", "torch"):
+        _log(f"verified {load(out, backend=backend).backend}", start)
+    _log(f"bundle written to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.2f} MB)", start)
+
+
+if __name__ == "__main__":
+    main()

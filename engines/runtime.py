@@ -1,0 +1,106 @@
+"""Loading a bundle onto a backend behind the parity gate, and running inference."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines import backends, maps, parity
+from engines.backends import Backend, BackendUnavailable
+from engines.bundle import Bundle, load_bundle
+from engines.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """Outputs for N images; finding axes follow ``findings`` (the bundle's order)."""
+
+    findings: tuple[str, ...]
+    embeddings: np.ndarray  # (N, D) float32
+    probabilities: np.ndarray  # (N, F) float32 in [0, 1]
+    maps: np.ndarray  # (N, F, h, w) float32 in [0, 1], each covering its whole image, row 0 = top
+
+
+class Engine:
+    """A bundle loaded on one backend. Use :func:`load`, which runs the parity gate first."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, max_batch: int = 16) -> None:
+        self.bundle = bundle
+        self._backend = backend
+        self.max_batch = max_batch
+        #: Set by :func:`load` once the engine has passed the parity gate.
+        self.parity: parity.ParityReport | None = None
+        out = bundle.manifest["outputs"]
+        self._embedding_dim = int(out["embedding_dim"])
+        self._map_size = tuple(out["map"]["size"])
+        self._stride = int(out["map"]["feature_stride"])
+
+    @property
+    def backend(self) -> str:
+        """What actually runs, e.g. ``"onnxruntime:CPUExecutionProvider"``."""
+        return self._backend.name
+
+    @property
+    def precision(self) -> str:
+        return self._backend.precision
+
+    def infer(self, images: Sequence[np.ndarray]) -> InferenceResult:
+        """Run the model on 2-D MONOCHROME2 float images in [0, 1] of any size."""
+        names = tuple(f.name for f in self.bundle.findings)
+        parts = [self._infer_batch(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        if not parts:
+            n = len(names)
+            return InferenceResult(
+                names,
+                np.zeros((0, self._embedding_dim), np.float32),
+                np.zeros((0, n), np.float32),
+                np.zeros((0, n, *self._map_size), np.float32),
+            )
+        return InferenceResult(names, *(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
+
+    def _infer_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        batch, regions = preprocess(images, self.bundle.manifest["input"])
+        raw = self._backend.run(batch)
+        probabilities = (1.0 / (1.0 + np.exp(-raw.logits.astype(np.float64)))).astype(np.float32)
+        cams = maps.image_maps(raw.cam, regions, self._stride, self._map_size)
+        return raw.embedding.astype(np.float32, copy=False), probabilities, cams
+
+
+def load(bundle: Bundle | str | Path, backend: str = "auto") -> Engine:
+    """Load ``bundle`` (a :class:`Bundle`, built-in name or path) on a backend that passes parity.
+
+    ``backend`` is ``"auto"``, ``"onnxruntime"`` or ``"torch"``. A named backend that fails the
+    parity gate raises :class:`ParityError`; ``auto`` tries :func:`backends.auto_order` in turn
+    and raises ParityError only if every available backend fails.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if backend != "auto":
+        return _gated(bundle, backend)
+    failures = []
+    for kind in backends.auto_order():
+        try:
+            engine = _gated(bundle, kind)
+        except BackendUnavailable as exc:
+            log.info("backend %s unavailable: %s", kind, exc)
+        except parity.ParityError as exc:
+            log.warning("backend %s refused: %s", kind, exc)
+            failures.append(str(exc))
+        else:
+            log.info("auto selected backend %s for bundle %s %s", engine.backend, bundle.name, bundle.version)
+            return engine
+    if failures:
+        raise parity.ParityError(" | ".join(failures))
+    raise BackendUnavailable(f"no backend can run here; install one of {', '.join(backends.KINDS)}")
+
+
+def _gated(bundle: Bundle, kind: str) -> Engine:
+    engine = Engine(bundle, backends.create(kind, bundle))
+    engine.parity = parity.verify(engine)
+    return engine

@@ -1,0 +1,54 @@
+"""Must show 1: `pleura serve` on embedded defaults; storescu in, SR + SC out to storescp."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+from tests.e2e.harness import pleura, pleura_run, storescp, wait_for, wait_port
+from tests.support import free_port, require_tool
+
+QUIET = 3
+
+
+@pytest.mark.integration
+def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path) -> None:
+    dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
+    port = free_port()
+    env = {
+        "PLEURA_DATA_DIR": str(tmp_path / "var"),
+        "PLEURA_DICOM_PORT": str(port),
+        "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
+        "PLEURA_STUDY_QUIET_SECONDS": str(QUIET),
+    }
+    serve = pleura("serve", env, tmp_path / "serve.log")
+    try:
+        wait_port(port, serve, timeout=120)
+        sent = subprocess.run([require_tool("storescu"), "-xw", "-aet", "MODALITY", "-aec", "PLEURA",
+                               "127.0.0.1", str(port), str(real_cr)], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+
+        received = wait_for(lambda: (files := sorted((tmp_path / "received").iterdir())) and len(files) >= 2 and files,
+                            QUIET + 30, "an SR and an SC at the destination")
+        source = dcmread(real_cr, stop_before_pixels=True)
+        objects = [dcmread(f) for f in received]
+        assert sorted(o.SOPClassUID for o in objects) == sorted([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
+        assert {o.StudyInstanceUID for o in objects} == {source.StudyInstanceUID}
+        assert {o.PatientID for o in objects} == {source.PatientID}
+        assert len(objects) == 2
+
+        status = json.loads(pleura_run(env, "status", "--json"))
+        assert status[0]["study_instance_uid"] == source.StudyInstanceUID
+        assert status[0]["state"] == "DONE" and status[0]["deliveries"] == {"DELIVERED": 2}
+        assert status[0]["calling_ae"] == ["MODALITY"]
+    except BaseException:
+        print(serve.tail())
+        raise
+    finally:
+        serve.stop()
+        dest.stop()

@@ -1,0 +1,92 @@
+"""Study assembly, queueing and leases from ledger timestamps, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from dicom_node.scp import StoredInstance
+from dicom_node.spool import WriteOutcome
+from worker import jobs
+from worker.intake import LedgerReceiver
+from worker.ledger import Attempt, Event, Job, Study
+from worker.ledger.db import Ledger, upgrade, utcnow
+from worker.ledger.models import JobState, StudyState
+from worker.sweeper import PROCESS_TASK, sweep
+
+
+@pytest.fixture
+def ledger(db_url: str) -> Ledger:
+    upgrade(db_url)
+    return Ledger(db_url)
+
+
+def _receive(ledger: Ledger, sop: str, study: str = "1.2.3", sha: str = "a" * 64) -> None:
+    LedgerReceiver(ledger).instance_stored(
+        StoredInstance(association=None, sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid=sop,
+                       study_instance_uid=study, series_instance_uid=study + ".1",
+                       transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CR", path=f"/spool/{sop}",
+                       size=10, sha256=sha, outcome=WriteOutcome.NEW)
+    )
+
+
+class Published(list):
+    def __call__(self, task: str, row_id: int) -> None:
+        self.append((task, row_id))
+
+
+def test_quiet_period_then_exactly_one_job(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    published = Published()
+    assert sweep(ledger, quiet_seconds=30, republish_seconds=60, publish=published).queued == []
+    report = sweep(ledger, quiet_seconds=0, republish_seconds=60, publish=published)
+    assert len(report.queued) == 1 and published == [(PROCESS_TASK, report.queued[0])]
+    assert sweep(ledger, quiet_seconds=0, republish_seconds=60, publish=published).queued == []
+    with ledger.session() as s:
+        assert s.scalars(select(Study)).one().state == StudyState.QUEUED
+
+
+def test_claim_is_exclusive_and_expired_lease_is_republished(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    job_id = sweep(ledger, 0, 60, Published()).queued[0]
+    assert jobs.claim(ledger, job_id, lease_seconds=0.5) is not None
+    assert jobs.claim(ledger, job_id, lease_seconds=0.5) is None  # a duplicated message is harmless
+    time.sleep(0.6)
+    with ledger.session() as s:  # the message was published long ago
+        s.execute(update(Job).values(published_at=utcnow() - timedelta(seconds=120)))
+    published = Published()
+    assert sweep(ledger, 0, 60, published).republished_jobs == [job_id]
+    assert jobs.claim(ledger, job_id, lease_seconds=60) is not None  # the lease expired: taken over
+    with ledger.session() as s:
+        assert [a.number for a in s.scalars(select(Attempt).order_by(Attempt.number))] == [1, 2]
+
+
+def test_failures_are_retried_then_quarantined(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    job_id = sweep(ledger, 0, 60, Published()).queued[0]
+    attempt = jobs.claim(ledger, job_id, 60)
+    assert jobs.fail(ledger, job_id, attempt, "decoder crashed", max_attempts=2) is True
+    attempt = jobs.claim(ledger, job_id, 60)
+    assert jobs.fail(ledger, job_id, attempt, "decoder crashed", max_attempts=2) is False
+    with ledger.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and "decoder crashed" in job.error
+        assert s.get(Study, job.study_id).state == StudyState.FAILED
+        assert "job_failed" in [e.kind for e in s.scalars(select(Event))]
+
+
+def test_late_instance_reopens_and_supersedes_the_queued_job(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    first = sweep(ledger, 0, 60, Published()).queued[0]
+    _receive(ledger, "1.2.3.5")  # arrives after queueing
+    with ledger.session() as s:
+        study = s.scalars(select(Study)).one()
+        assert (study.state, study.revision) == (StudyState.RECEIVING, 2)
+    assert jobs.claim(ledger, first, 60) is None
+    second = sweep(ledger, 0, 60, Published()).queued[0]
+    with ledger.session() as s:
+        assert s.get(Job, first).state == JobState.SUPERSEDED
+        assert s.get(Job, second).revision == 2
