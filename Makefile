@@ -10,7 +10,8 @@ run: venv
 
 test:
 	bash .ci/setup
+	.venv/bin/ruff check .
 	.venv/bin/pytest -q
 
 lint:
-	.venv/bin/ruff check worker dicom_node engines tests
+	.venv/bin/ruff check .

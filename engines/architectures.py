@@ -56,7 +56,7 @@ class CamCNN(nn.Module):
         self.encoder = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, num_findings)
-        self.stride = 2 ** last
+        self.stride = 2**last
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.encoder(x)

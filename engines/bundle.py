@@ -2,6 +2,18 @@
 
 ``load_bundle`` reads and validates the manifest, so that a broken bundle fails at install or
 start-up time with a message naming the file and the field, never halfway through a study.
+
+Manifest (``schema_version`` 1; ``engines/bundles/demo/manifest.json`` is a full example):
+
+- ``name``, ``version``, ``description``, ``licence``, ``source`` (data, attribution, how built);
+- ``intended_use``: ``modalities``, ``body_parts``, ``views``, ``min_age_years``;
+- ``input``: ``size`` [h, w], ``channels`` (1), ``resize`` (``policy`` "letterbox",
+  ``pad_value``), ``normalization`` (``mean_std`` with mean/std, or ``range`` with low/high);
+- ``architecture``: what :mod:`engines.architectures` builds for the torch backend;
+- ``outputs``: ``embedding_dim``, ``map`` (``size`` [h, w], ``feature_stride``);
+- ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``;
+- ``files``: ``onnx``, ``golden``, optionally ``torch_state_dict``, ``model_card``...;
+- ``parity``: ``tolerance`` per precision (``fp32`` required; ``fp16`` permits fp16).
 """
 
 from __future__ import annotations
@@ -76,7 +88,8 @@ def hash_files(path: Path) -> str:
     """SHA-256 over the bundle's files (relative paths and contents, sorted; hidden files skipped)."""
     digest = hashlib.sha256()
     files = sorted(
-        p for p in path.rglob("*")
+        p
+        for p in path.rglob("*")
         if p.is_file() and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts)
     )
     for file in files:

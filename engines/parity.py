@@ -59,7 +59,8 @@ def golden(bundle: Bundle) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     inputs = [arrays[f"input_{i}"] for i in range(sum(k.startswith("input_") for k in arrays))]
     missing = [k for k in OUTPUTS if k not in arrays]
     if not inputs or missing:
-        raise BundleError(f"{path}: needs input_0, input_1, ... and {', '.join(OUTPUTS)}; missing {missing or 'inputs'}")
+        wanted = f"input_0, input_1, ... and {', '.join(OUTPUTS)}"
+        raise BundleError(f"{path}: needs {wanted}; missing {missing or 'inputs'}")
     return inputs, {k: arrays[k] for k in OUTPUTS}
 
 

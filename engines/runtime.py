@@ -48,6 +48,7 @@ class Engine:
 
     @property
     def precision(self) -> str:
+        """``"fp32"`` or ``"fp16"``: the precision the backend computes in."""
         return self._backend.precision
 
     def infer(self, images: Sequence[np.ndarray]) -> InferenceResult:

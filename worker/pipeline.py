@@ -132,9 +132,12 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
     return delivery_ids
 
 
-def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[tuple[_Source, Dataset, np.ndarray]], dict[int, str]]:
+_Eligible = tuple[_Source, Dataset, np.ndarray]
+
+
+def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], dict[int, str]]:
     """Read, check and decode every instance; return the eligible ones and the reasons of the rest."""
-    eligible: list[tuple[_Source, Dataset, np.ndarray]] = []
+    eligible: list[_Eligible] = []
     reasons: dict[int, str] = {}
     for source in sources:
         try:
@@ -153,7 +156,7 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[tuple[_Sourc
     return eligible, reasons
 
 
-def _infer(engine: Engine, eligible: list[tuple[_Source, Dataset, np.ndarray]]) -> list[ImageResult]:
+def _infer(engine: Engine, eligible: list[_Eligible]) -> list[ImageResult]:
     bundle = engine.bundle
     specs = {f.name: f for f in bundle.findings}
     results: list[ImageResult] = []
@@ -180,7 +183,7 @@ def _build_outputs(
     engine: Engine,
     study_uid: str,
     results: list[ImageResult],
-    eligible: list[tuple[_Source, Dataset, np.ndarray]],
+    eligible: list[_Eligible],
     previous_sr_path: str | None,
 ) -> list[_Output]:
     """One SR per study revision and one SC per image, with UIDs derived from the inputs."""

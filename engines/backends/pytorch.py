@@ -6,6 +6,8 @@ precision only by saying how close that precision must come to the reference), e
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
 from engines.backends.base import BackendUnavailable, RawOutputs
@@ -33,8 +35,8 @@ class TorchBackend:
         path = bundle.file("torch_state_dict")
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise BundleError(f"{path}: does not fit architecture {bundle.manifest['architecture']} ({exc})") from exc
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
+            raise BundleError(f"{path}: not a state dict for {bundle.manifest['architecture']} ({exc})") from exc
         self._model = model.eval().to(self.device, self._dtype)
         self.name = f"torch:{self.device.type}" + (":fp16" if fp16 else "")
 

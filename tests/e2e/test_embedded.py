@@ -33,11 +33,14 @@ def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path) ->
                                "127.0.0.1", str(port), str(real_cr)], capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
 
-        received = wait_for(lambda: (files := sorted((tmp_path / "received").iterdir())) and len(files) >= 2 and files,
-                            QUIET + 30, "an SR and an SC at the destination")
+        def two_objects() -> list[Path]:
+            files = sorted((tmp_path / "received").iterdir())
+            return files if len(files) >= 2 else []
+
+        received = wait_for(two_objects, QUIET + 30, "an SR and an SC at the destination")
         source = dcmread(real_cr, stop_before_pixels=True)
         objects = [dcmread(f) for f in received]
-        assert sorted(o.SOPClassUID for o in objects) == sorted([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
+        assert {o.SOPClassUID for o in objects} == {Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
         assert {o.StudyInstanceUID for o in objects} == {source.StudyInstanceUID}
         assert {o.PatientID for o in objects} == {source.PatientID}
         assert len(objects) == 2
@@ -46,6 +49,9 @@ def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path) ->
         assert status[0]["study_instance_uid"] == source.StudyInstanceUID
         assert status[0]["state"] == "DONE" and status[0]["deliveries"] == {"DELIVERED": 2}
         assert status[0]["calling_ae"] == ["MODALITY"]
+        log = (tmp_path / "serve.log").read_text()
+        for phi in (str(source.PatientName), source.PatientID, source.PatientBirthDate):
+            assert phi and phi not in log, "patient identifiers must never reach the logs"
     except BaseException:
         print(serve.tail())
         raise

@@ -78,7 +78,7 @@ def test_orthanc_pushes_and_receives_results(pg_url: str, amqp_url: str, real_cr
         assert row["first_instance_received"] <= row["last_instance_received"] < row["last_delivered_at"]
         assert row["time_to_result"].total_seconds() < QUIET + 60
     except BaseException:
-        print("--- listen\n" + listen.tail() + "\n--- worker\n" + work.tail() + "\n--- orthanc\n" + orthanc.proc.tail(20))
+        print(f"--- listen\n{listen.tail()}\n--- worker\n{work.tail()}\n--- orthanc\n{orthanc.proc.tail(20)}")
         raise
     finally:
         work.stop()

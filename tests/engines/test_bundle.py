@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import Bundle, BundleError, FindingSpec, load_bundle
+from engines import Bundle, BundleError, FindingSpec, load, load_bundle
 from engines.bundle import hash_files
 
 
@@ -20,13 +20,17 @@ def _edit_manifest(path: Path, edit) -> None:
 def test_demo_bundle_fields(demo: Bundle) -> None:
     assert demo.name == "demo" and demo.version == "0.1.0"
     assert (demo.path / "manifest.json").is_file()
-    assert [f.name for f in demo.findings] == ["Cardiomegaly", "Effusion", "Atelectasis", "Infiltration", "Abnormal"]
+    assert [f.name for f in demo.findings] == ["Cardiomegaly", "Effusion", "Atelectasis", "Abnormal"]
     cardio = demo.findings[0]
     assert isinstance(cardio, FindingSpec)
     assert (cardio.code_value, cardio.code_scheme, cardio.code_meaning) == ("8186001", "SCT", "Cardiomegaly")
     assert all(0.0 < f.threshold < 1.0 for f in demo.findings)
-    assert demo.intended_use == {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "views": ["PA", "AP"],
-                                 "min_age_years": 18}
+    assert demo.intended_use == {
+        "modalities": ["CR", "DX"],
+        "body_parts": ["CHEST"],
+        "views": ["PA", "AP"],
+        "min_age_years": 18,
+    }
     assert "NIH" in demo.manifest["source"]["attribution"]
     assert len(demo.sha256) == 64
 
@@ -80,3 +84,10 @@ def test_broken_manifest_names_the_field(demo_copy: Path, edit, message: str) ->
     with pytest.raises(BundleError, match=message) as info:
         load_bundle(demo_copy)
     assert str(demo_copy) in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "backend"), [("weights.pt", "torch"), ("encoder.onnx", "onnxruntime")])
+def test_corrupt_model_file_is_a_bundle_error(demo_copy: Path, name: str, backend: str) -> None:
+    (demo_copy / name).write_bytes(b"not a model")
+    with pytest.raises(BundleError, match=name):
+        load(demo_copy, backend=backend)

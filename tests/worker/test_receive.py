@@ -30,9 +30,12 @@ def listener(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     ledger.close()
 
 
-def storescu(port: int, *files: Path, calling: str = "MODALITY1", called: str = "PLEURA") -> subprocess.CompletedProcess:
+def storescu(
+    port: int, *files: Path, calling: str = "MODALITY1", called: str = "PLEURA"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_tool("storescu"), "-v", "-xw", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [require_tool("storescu"), "-v", "-xw", "-aet", calling, "-aec", called, "127.0.0.1", str(port),
+         *map(str, files)],
         capture_output=True, text=True, timeout=60,
     )
 
