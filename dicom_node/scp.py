@@ -14,9 +14,9 @@ from io import BytesIO
 from typing import Protocol
 
 import structlog
-from pydicom import dcmread
+from pydicom import dcmread, uid
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -28,6 +28,28 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+
+#: Transfer syntaxes we accept, in order of preference when a peer proposes several in one
+#: context: lossless compressed (stored exactly as sent), then uncompressed, then lossy
+#: (last, so that a peer holding uncompressed pixels is never asked to compress them lossily).
+ACCEPTED_TRANSFER_SYNTAXES = [
+    uid.JPEG2000Lossless,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.JPEGLSLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,
+    uid.RLELossless,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEG2000,
+    uid.HTJ2K,
+    uid.JPEGLSNearLossless,
+    uid.JPEGExtended12Bit,
+    uid.JPEGBaseline8Bit,
+]
 
 #: Header attributes the application gets with each instance (no PHI among them).
 _HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
@@ -96,7 +118,7 @@ class StorageSCP:
         self.ae.maximum_associations = max_associations
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
 
     def start(self) -> None:
         handlers = [
