@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, reachable
+from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, REDIS_URL, reachable
 
 
 @pytest.fixture
@@ -48,6 +48,16 @@ def amqp_url() -> str:
     if not reachable("127.0.0.1", 5672):
         pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
     return AMQP_URL
+
+
+@pytest.fixture(params=["rabbitmq", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """RabbitMQ (the production default) and Redis (the documented alternative)."""
+    if request.param == "rabbitmq":
+        return request.getfixturevalue("amqp_url")
+    if not reachable("127.0.0.1", 6379):
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    return REDIS_URL
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -15,6 +15,7 @@ REAL_CR = SHARED_DATA / "dicom" / "RG1_J2KI.dcm"
 NIH = SHARED_DATA / "nih-cxr14-sample"
 PG_ADMIN_URL = os.environ.get("PLEURA_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("PLEURA_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("PLEURA_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def free_port() -> int:

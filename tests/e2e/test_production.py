@@ -24,13 +24,13 @@ AUDIT_SQL = ROOT / "docs" / "audit" / "study_story.sql"
 pytestmark = pytest.mark.integration
 
 
-def _env(pg_url: str, amqp_url: str, tmp_path: Path, port: int, destination: str) -> dict[str, str]:
-    with Connection(amqp_url) as conn:  # messages left by an earlier run name rows of another DB
+def _env(pg_url: str, broker_url: str, tmp_path: Path, port: int, destination: str) -> dict[str, str]:
+    with Connection(broker_url) as conn:  # messages left by an earlier run name rows of another DB
         conn.SimpleQueue("pleura").clear()
     return {
         "PLEURA_DATA_DIR": str(tmp_path / "var"),
         "PLEURA_DATABASE_URL": pg_url,
-        "PLEURA_BROKER_URL": amqp_url,
+        "PLEURA_BROKER_URL": broker_url,
         "PLEURA_DICOM_PORT": str(port),
         "PLEURA_DESTINATIONS": destination,
         "PLEURA_STUDY_QUIET_SECONDS": str(QUIET),
@@ -39,10 +39,10 @@ def _env(pg_url: str, amqp_url: str, tmp_path: Path, port: int, destination: str
     }
 
 
-def test_orthanc_pushes_and_receives_results(pg_url: str, amqp_url: str, real_cr: Path, tmp_path: Path) -> None:
+def test_orthanc_pushes_and_receives_results(pg_url: str, broker_url: str, real_cr: Path, tmp_path: Path) -> None:
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", pleura_port=port)
-    env = _env(pg_url, amqp_url, tmp_path, port, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    env = _env(pg_url, broker_url, tmp_path, port, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
     pleura_run(env, "db", "upgrade")
     listen = pleura("listen", env, tmp_path / "listen.log")
     work = pleura("worker", env, tmp_path / "worker.log")
@@ -64,8 +64,14 @@ def test_orthanc_pushes_and_receives_results(pg_url: str, amqp_url: str, real_cr
         assert study["PatientMainDicomTags"]["PatientID"] == source.PatientID
 
         engine = create_engine(pg_url)
-        with engine.connect() as conn:
-            rows = conn.execute(text(AUDIT_SQL.read_text())).mappings().all()
+
+        def story() -> list:  # type: ignore[type-arg]
+            with engine.connect() as conn:
+                rows = conn.execute(text(AUDIT_SQL.read_text())).mappings().all()
+            # Orthanc shows an object before Pleura has recorded the peer's answer
+            return rows if rows and "SENDING" not in (rows[0]["delivery_status"] or "SENDING") else []
+
+        rows = wait_for(story, 30, "the ledger to record both deliveries")
         engine.dispose()
         assert len(rows) == 1
         row = rows[0]
