@@ -8,6 +8,7 @@ import threading
 from datetime import timedelta
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from worker.ledger import Attempt, Job, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
@@ -60,7 +61,7 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float) -> int | None:
         return attempt.id
 
 
-def still_owned(s, job: Job) -> bool:  # type: ignore[no-untyped-def]
+def still_owned(s: Session, job: Job) -> bool:
     """True while our lease holds (re-read under a row lock inside the finishing transaction)."""
     fresh = s.scalars(select(Job).where(Job.id == job.id).with_for_update()).one()
     return fresh.lease_owner == WORKER_ID and fresh.state == JobState.RUNNING and (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import structlog
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.pixels import UndecodableImage, decode
 from dicom_node.results.content import Algorithm, Code, FindingResult, ImageResult
@@ -249,7 +251,7 @@ def _summary(results: list[ImageResult]) -> FindingResult | None:
     return max(candidates, key=lambda f: f.probability) if candidates else None
 
 
-def _record_outputs(s, rt: Runtime, job_id: int, outputs: list[_Output], now) -> list[int]:  # type: ignore[no-untyped-def]
+def _record_outputs(s: Session, rt: Runtime, job_id: int, outputs: list[_Output], now: datetime) -> list[int]:
     """Insert output objects (skipping UIDs already produced) and one delivery per destination."""
     delivery_ids: list[int] = []
     for output in outputs:
