@@ -1,4 +1,4 @@
-"""The ``pleura`` command line: serve, listen, worker, db, send, status, synth."""
+"""The ``pleura`` command line: serve, listen, worker, db, send, status, models, synth."""
 
 from __future__ import annotations
 
@@ -165,6 +165,39 @@ def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} DICOM files to {args.out}")
 
 
+def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
+    """list / verify / build / import model bundles."""
+    from engines import BackendUnavailable, BundleError, ParityError
+    from worker import models
+
+    try:
+        if args.action == "list":
+            rows = models.listing(settings)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for row in [] if args.json else rows:
+                detail = row.get("error") or f"{row['version']}  {', '.join(row['findings']) or 'no findings'}"
+                print(f"{row['name']:<20} {row['origin']:<9} {detail}")
+        elif args.action == "verify":
+            print(models.verify(settings, args.name, args.backend))
+        elif args.action == "build":
+            from engines.build import build
+
+            report = build(models.bundle(settings, args.name), backend=args.backend,
+                           progress=lambda message: print(message, file=sys.stderr))
+            print(report.describe())
+        elif args.action == "import":
+            from engines.importers import import_model
+
+            out = args.out or settings.effective_models_dir / args.name
+            options = dict(option.split("=", 1) for option in args.option)
+            path = import_model(args.kind, args.source, out, name=args.name, version=args.version,
+                                progress=lambda message: print(message, file=sys.stderr), **options)
+            print(f"imported {args.kind} model as bundle {args.name} {args.version} at {path}")
+    except (ParityError, BundleError, BackendUnavailable, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pleura", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML file with settings (env PLEURA_* wins)")
@@ -191,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("models", help="model bundles: list, verify (parity gate), build, import")
+    models = p.add_subparsers(dest="action", required=True)
+    m = models.add_parser("list", help="built-in and installed bundles")
+    m.add_argument("--json", action="store_true")
+    for action, text in (("verify", "run the parity gate on the golden inputs"),
+                         ("build", "prebuild/cache the engine (TensorRT plan) and warm it up")):
+        m = models.add_parser(action, help=text)
+        m.add_argument("name", help="bundle name or path")
+        m.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
+    m = models.add_parser("import", help="make a bundle from an operator-downloaded checkpoint")
+    m.add_argument("kind", help="torchxrayvision, dinov2 or open_clip")
+    m.add_argument("source", type=Path, help="checkpoint file or folder")
+    m.add_argument("--name", required=True)
+    m.add_argument("--version", required=True)
+    m.add_argument("--out", type=Path, help="bundle directory (default: PLEURA_MODELS_DIR/NAME)")
+    m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="importer-specific option, e.g. prompts=prompts.json")
+    p.set_defaults(func=cmd_models)
     p = sub.add_parser("synth", help="turn NIH ChestX-ray14 PNGs into DICOM CR/DX files")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)

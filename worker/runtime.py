@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from engines import Engine, load, load_bundle
+from engines import Engine, load
+from worker import models
 from worker.ledger.db import Ledger
 from worker.settings import Settings
 
@@ -28,7 +29,7 @@ class Runtime:
         with self._lock:
             key = f"{self.settings.model}|{self.settings.backend}"
             if key not in self._engines:
-                bundle = load_bundle(self.settings.model)
+                bundle = models.bundle(self.settings, self.settings.model)
                 engine = load(bundle, backend=self.settings.backend)
                 log.info("model loaded", bundle=bundle.name, version=bundle.version, backend=engine.backend)
                 self._engines[key] = engine

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     study_quiet_seconds: float = 10.0
     model: str = "demo"
+    models_dir: Path | None = None
     backend: str = "auto"
     sweep_interval_seconds: float = 2.0
     lease_seconds: float = 60.0
@@ -84,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def outbox_dir(self) -> Path:
         return self.data_dir / "outbox"
+
+    @property
+    def effective_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def effective_database_url(self) -> str:
