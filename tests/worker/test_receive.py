@@ -96,3 +96,21 @@ def test_wrong_called_ae_is_rejected(listener, real_cr: Path) -> None:  # type: 
     assert result.returncode != 0
     assert "rejected" in (result.stdout + result.stderr).lower()
     assert not list(spool.rglob("*.dcm"))
+
+
+def test_spool_over_watermark_refuses_with_out_of_resources(real_cr: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    ledger = Ledger(url)
+    port = free_port()
+    full = Spool(tmp_path / "spool", min_free_bytes=10**18)  # more free space than any disk has
+    scp = StorageSCP("PLEURA", "127.0.0.1", port, full, LedgerReceiver(ledger))
+    scp.start()
+    try:
+        result = storescu(port, real_cr)
+    finally:
+        scp.stop()
+    assert "Refused: OutOfResources" in result.stdout + result.stderr  # status 0xA700
+    assert not [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
+    with ledger.session() as s:
+        assert s.scalars(select(Instance)).first() is None
