@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engines.nets.densenet import DenseNet
+from engines.nets.vit import ViTLinear, ViTZeroShot
+
 OUTPUT_NAMES = ("embedding", "logits", "cam")
 
 
@@ -66,7 +69,12 @@ class CamCNN(nn.Module):
         return embedding, logits, cam
 
 
-_ARCHITECTURES = {"cam_cnn": CamCNN}
+_ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "cam_cnn": CamCNN,
+    "densenet": DenseNet,
+    "vit_linear": ViTLinear,
+    "vit_zero_shot": ViTZeroShot,
+}
 
 
 def build(spec: Mapping[str, Any], num_findings: int) -> nn.Module:

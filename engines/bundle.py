@@ -7,8 +7,8 @@ Manifest (``schema_version`` 1; ``engines/bundles/demo/manifest.json`` is a full
 
 - ``name``, ``version``, ``description``, ``licence``, ``source`` (data, attribution, how built);
 - ``intended_use``: ``modalities``, ``body_parts``, ``views``, ``min_age_years``;
-- ``input``: ``size`` [h, w], ``channels`` (1), ``resize`` (``policy`` "letterbox",
-  ``pad_value``), ``normalization`` (``mean_std`` with mean/std, or ``range`` with low/high);
+- ``input``: ``size`` [h, w], ``channels`` (1), ``resize`` (``policy`` "letterbox" with
+  ``pad_value``, or "center_crop"), ``normalization`` (``mean_std`` with mean/std, or ``range`` with low/high);
 - ``architecture``: what :mod:`engines.architectures` builds for the torch backend;
 - ``outputs``: ``embedding_dim``, ``map`` (``size`` [h, w], ``feature_stride``);
 - ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``;
@@ -174,9 +174,11 @@ class _Checker:
         if self.get(spec, "channels", int, "input.") != 1:
             self.fail("input.channels", "must be 1 (grayscale); other layouts are not supported yet")
         resize = self.get(spec, "resize", dict, "input.")
-        if self.get(resize, "policy", str, "input.resize.") != "letterbox":
-            self.fail("input.resize.policy", f"is {resize['policy']!r}; supported: 'letterbox'")
-        self.get(resize, "pad_value", (int, float), "input.resize.")
+        policy = self.get(resize, "policy", str, "input.resize.")
+        if policy not in ("letterbox", "center_crop"):
+            self.fail("input.resize.policy", f"is {policy!r}; supported: 'letterbox', 'center_crop'")
+        if policy == "letterbox":
+            self.get(resize, "pad_value", (int, float), "input.resize.")
         norm = self.get(spec, "normalization", dict, "input.")
         scheme = self.get(norm, "scheme", str, "input.normalization.")
         keys = {"mean_std": ("mean", "std"), "range": ("low", "high")}.get(scheme)

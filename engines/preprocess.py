@@ -1,11 +1,16 @@
 """Pixels to model input, as a bundle's manifest says.
 
 Input images are 2-D float arrays, MONOCHROME2 (bright = dense), scaled to [0, 1], of any
-size. The one geometry policy implemented is ``letterbox``: scale the image so that it fits
-the model input with its aspect ratio kept, centre it, and fill the rest with ``pad_value``.
-Nothing is cropped, so the whole image is seen by the model, and each image's
-:class:`Region` tells where it lies in the model input (used to cut localization maps back
-to exactly the image's extent).
+size. Two geometry policies (``input.resize.policy``):
+
+- ``letterbox``: scale the image so that it fits the model input with its aspect ratio kept,
+  centre it, and fill the rest with ``pad_value``. Nothing is cropped.
+- ``center_crop``: cut the largest centred window with the model input's aspect ratio (a
+  square for a square input, at torchxrayvision's ``XRayCenterCrop`` offsets), then scale it
+  to the model input.
+
+Each image's :class:`Region` tells where it lies in the model input (used to cut localization
+maps back to exactly the image's extent); after a crop it extends beyond the input.
 
 Resampling is separable and antialiased: a triangle (tent) filter whose support widens with
 the reduction factor, applied as two small matrix products (bilinear when enlarging).
@@ -25,7 +30,10 @@ ArrayLike = TypeVar("ArrayLike")
 
 @dataclass(frozen=True)
 class Region:
-    """Where an image lies in the model input: rows [top, top+height), cols [left, left+width)."""
+    """Where an image lies in the model input: rows [top, top+height), cols [left, left+width).
+
+    ``top``/``left`` are negative and the extent larger than the input when the image was cropped.
+    """
 
     top: int
     left: int
@@ -109,14 +117,40 @@ def normalize(x: ArrayLike, normalization: Mapping[str, Any]) -> ArrayLike:
     raise ValueError(f"unknown normalization scheme {scheme!r}; expected 'mean_std' or 'range'")
 
 
+def center_crop(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Region]:
+    """The largest centred window of ``image`` with the aspect of ``size``, scaled to ``size``.
+
+    Offsets follow torchxrayvision's ``XRayCenterCrop`` (``n // 2 - crop // 2``). The region is
+    where the whole image lies relative to the model input.
+    """
+    (h, w), (out_h, out_w) = image.shape, size
+    if h * out_w >= w * out_h:
+        crop_h, crop_w = max(1, min(h, round(w * out_h / out_w))), w
+    else:
+        crop_h, crop_w = h, max(1, min(w, round(h * out_w / out_h)))
+    top, left = h // 2 - crop_h // 2, w // 2 - crop_w // 2
+    scale_h, scale_w = out_h / crop_h, out_w / crop_w
+    region = Region(
+        top=-round(top * scale_h), left=-round(left * scale_w), height=round(h * scale_h), width=round(w * scale_w)
+    )
+    return resize(image[top : top + crop_h, left : left + crop_w], out_h, out_w), region
+
+
 def geometry(images: Sequence[np.ndarray], input_spec: Mapping[str, Any]) -> tuple[np.ndarray, list[Region]]:
-    """Checked images letterboxed into an (N, H, W) float32 batch in [0, 1], and their regions."""
+    """Checked images fitted into an (N, H, W) float32 batch in [0, 1] by the resize policy, and their regions."""
     size = tuple(input_spec["size"])
-    pad_value = float(input_spec["resize"]["pad_value"])
+    resize_spec = input_spec["resize"]
+    policy = resize_spec.get("policy", "letterbox")
+    if policy not in ("letterbox", "center_crop"):
+        raise ValueError(f"unknown resize policy {policy!r}; expected 'letterbox' or 'center_crop'")
     batch = np.empty((len(images), *size), dtype=np.float32)
     regions = []
     for i, image in enumerate(images):
-        batch[i], region = letterbox(check_image(image, i), size, pad_value)  # type: ignore[arg-type]
+        checked = check_image(image, i)
+        if policy == "center_crop":
+            batch[i], region = center_crop(checked, size)  # type: ignore[arg-type]
+        else:
+            batch[i], region = letterbox(checked, size, float(resize_spec["pad_value"]))  # type: ignore[arg-type]
         regions.append(region)
     return batch, regions
 

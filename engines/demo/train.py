@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +25,13 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from engines.architectures import OUTPUT_NAMES, build
-from engines.backends.ort import INPUT_NAME
-from engines.backends.pytorch import TorchBackend
-from engines.bundle import MANIFEST, SCHEMA_VERSION, load_bundle
+from engines.architectures import build
+from engines.bundle import SCHEMA_VERSION
 from engines.demo import card
 from engines.demo.metrics import auc, bootstrap_auc_ci, roc_curve, youden_threshold
+from engines.importers.writer import synthetic_inputs, write_bundle, write_manifest
 from engines.preprocess import geometry, normalize, resize
-from engines.runtime import Engine, load
+from engines.runtime import load
 
 NAME, VERSION = "demo", "0.1.0"
 BUILD_COMMAND = "python -m engines.demo.train --data ../shared/data/nih-cxr14-sample --out engines/bundles/demo"
@@ -169,19 +166,9 @@ def train_model(
 def golden_inputs(mean_image: np.ndarray, seed: int) -> list[np.ndarray]:
     """Four non-patient images of varied sizes and aspects for the parity gate.
 
-    The average of all training images (no single patient), a smooth random field, uniform
-    noise, and a gradient with a bright disc.
+    The average of all training images (no single patient), then :func:`synthetic_inputs`.
     """
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:300, 0:120]
-    disc = ((rows - 180) ** 2 + (cols - 50) ** 2 < 30**2) * 0.5
-    images = [
-        resize(mean_image, 180, 164),
-        resize(rng.random((12, 26), dtype=np.float32), 97, 211),
-        rng.random((64, 64), dtype=np.float32),
-        rows / 299.0 * 0.5 + disc,
-    ]
-    return [np.clip(im, 0.0, 1.0).astype(np.float32) for im in images]
+    return [np.clip(resize(mean_image, 180, 164), 0.0, 1.0).astype(np.float32), *synthetic_inputs(seed)]
 
 
 def manifest(
@@ -192,9 +179,7 @@ def manifest(
     embedding_dim: int,
     stride: int,
 ) -> dict[str, Any]:
-    files = {"onnx": "encoder.onnx", "torch_state_dict": "weights.pt", "golden": "golden.npz"}
-    if evaluation is not None:
-        files["model_card"] = "MODEL_CARD.md"
+    """The bundle manifest; :func:`engines.importers.writer.write_manifest` fills ``files`` and ``sha256``."""
     return {
         "schema_version": SCHEMA_VERSION,
         "name": NAME,
@@ -266,7 +251,6 @@ def manifest(
             }
             for name, code, meaning, positives in FINDINGS
         ],
-        "files": files,
         "parity": {
             "tolerance": TOLERANCE,
             "description": (
@@ -337,19 +321,6 @@ def main(argv: list[str] | None = None) -> None:
     targets = np.concatenate([labels, np.stack(list(aux.values()), axis=1)], axis=1)[train_idx]
     model = train_model(boxed, targets, norm, args, start)
 
-    torch.save(model.state_dict(), out / "weights.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 1, *SIZE),),
-            str(out / "encoder.onnx"),
-            dynamo=False,
-            opset_version=17,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-        )
     training = {
         "split_seed": args.seed,
         "n_train": len(train_idx),
@@ -372,20 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     embedding_dim, stride = ARCHITECTURE["widths"][-1], model.stride
     provisional = manifest(norm, {n: 0.5 for n, *_ in FINDINGS}, None, training, embedding_dim, stride)
-    (out / MANIFEST).write_text(json.dumps(provisional, indent=2) + "\n")
-
     goldens = golden_inputs(boxed.mean(axis=0), args.seed)
-    np.savez_compressed(out / "golden.npz", **{f"input_{i}": g for i, g in enumerate(goldens)})
-    reference = Engine(load_bundle(out), TorchBackend(load_bundle(out), device="cpu")).infer(goldens)
-    np.savez_compressed(
-        out / "golden.npz",
-        **{f"input_{i}": g for i, g in enumerate(goldens)},
-        embeddings=reference.embeddings,
-        probabilities=reference.probabilities,
-        maps=reference.maps,
-    )
+    write_bundle(out, model=model, manifest=provisional, golden_inputs=goldens, progress=lambda m: _log(m, start))
     engine = load(out, backend="onnxruntime")
-    _log(f"exported; {engine.backend} passes the parity gate ({engine.parity.describe()})", start)
 
     probs = engine.infer([images[i] / np.float32(255) for i in held_idx]).probabilities
     with open(args.data / "reference_chexnet_predictions.csv", newline="") as f:
@@ -408,8 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     final = manifest(norm, thresholds, evaluation, training, embedding_dim, stride)
     curves = {name: roc_curve(labels[held_idx, j], probs[:, j])[:2] for j, (name, *_r) in enumerate(FINDINGS)}
     card.roc_plot(curves, {n: v["auc"] for n, v in evaluation["findings"].items()}, out / "roc.png")
-    (out / "MODEL_CARD.md").write_text(card.model_card(final))
-    (out / MANIFEST).write_text(json.dumps(final, indent=2) + "\n")
+    write_manifest(out, final, card.model_card(final))
     for backend in ("onnxruntime", "torch"):
         _log(f"verified {load(out, backend=backend).backend}", start)
     _log(f"bundle written to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.2f} MB)", start)

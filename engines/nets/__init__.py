@@ -1,0 +1,1 @@
+"""Network definitions in plain PyTorch (no torchvision) that upstream checkpoints load into."""
