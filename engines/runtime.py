@@ -36,6 +36,8 @@ class Engine:
         self.max_batch = max_batch
         #: Set by :func:`load` once the engine has passed the parity gate.
         self.parity: parity.ParityReport | None = None
+        #: Why :func:`load` chose this backend (what ``auto`` skipped or refused, and why).
+        self.selection_reason = ""
         out = bundle.manifest["outputs"]
         self._embedding_dim = int(out["embedding_dim"])
         self._map_size = tuple(out["map"]["size"])
@@ -45,6 +47,11 @@ class Engine:
     def backend(self) -> str:
         """What actually runs, e.g. ``"onnxruntime:CPUExecutionProvider"``."""
         return self._backend.name
+
+    @property
+    def artifact(self) -> Path | None:
+        """The prebuilt file the backend runs from (a TensorRT plan), if it has one."""
+        return getattr(self._backend, "artifact", None)
 
     @property
     def precision(self) -> str:
@@ -76,29 +83,47 @@ class Engine:
 def load(bundle: Bundle | str | Path, backend: str = "auto") -> Engine:
     """Load ``bundle`` (a :class:`Bundle`, built-in name or path) on a backend that passes parity.
 
-    ``backend`` is ``"auto"``, ``"onnxruntime"`` or ``"torch"``. A named backend that fails the
-    parity gate raises :class:`ParityError`; ``auto`` tries :func:`backends.auto_order` in turn
-    and raises ParityError only if every available backend fails.
+    ``backend`` is ``"auto"``, ``"tensorrt"``, ``"onnxruntime"`` or ``"torch"``. A named backend
+    that fails the parity gate raises :class:`ParityError`; ``auto`` tries
+    :func:`backends.auto_order` (fastest first) in turn, records why it chose what it did in
+    :attr:`Engine.selection_reason`, and raises ParityError only if every available backend fails.
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if backend != "auto":
-        return _gated(bundle, backend)
+        engine = _gated(bundle, backend)
+        engine.selection_reason = f"backend {backend!r} requested"
+        return engine
+    notes = [f"{kind} skipped: {reason}" for kind, reason in backends.skipped_by_auto().items()]
+    for note in notes:
+        log.info("auto: %s", note)
+    order = backends.auto_order(bundle)
     failures = []
-    for kind in backends.auto_order():
+    for kind in order:
         try:
             engine = _gated(bundle, kind)
         except BackendUnavailable as exc:
             log.info("backend %s unavailable: %s", kind, exc)
+            notes.append(f"{kind} unavailable: {exc}")
         except parity.ParityError as exc:
             log.warning("backend %s refused: %s", kind, exc)
             failures.append(str(exc))
+            notes.append(f"{kind} refused by the parity gate")
         else:
-            log.info("auto selected backend %s for bundle %s %s", engine.backend, bundle.name, bundle.version)
+            engine.selection_reason = "; ".join(
+                [f"first in auto's order ({' > '.join(order)}, fastest first) to load and pass the parity gate",
+                 *notes]
+            )
+            log.info(
+                "auto selected backend %s for bundle %s %s (%s)",
+                engine.backend, bundle.name, bundle.version, engine.selection_reason,
+            )
             return engine
     if failures:
         raise parity.ParityError(" | ".join(failures))
-    raise BackendUnavailable(f"no backend can run here; install one of {', '.join(backends.KINDS)}")
+    raise BackendUnavailable(
+        f"no backend can run here ({'; '.join(notes)}); install one of {', '.join(backends.KINDS)}"
+    )
 
 
 def _gated(bundle: Bundle, kind: str) -> Engine:

@@ -74,9 +74,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     upgrade(settings.effective_database_url)
     rt = _runtime(settings)
     rt.engine()
-    work = WorkController(app=celery_app.app, pool_cls="solo", concurrency=1, without_heartbeat=True,
-                          without_mingle=True, without_gossip=True, queues=[celery_app.QUEUE],
-                          loglevel=settings.log_level)
+    work = WorkController(app=celery_app.app, pool_cls="threads", concurrency=settings.worker_concurrency,
+                          without_heartbeat=True, without_mingle=True, without_gossip=True,
+                          queues=[celery_app.QUEUE], loglevel=settings.log_level)
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     scp = _start_listener(rt)
     sweeper = _start_sweeper(rt)
@@ -114,7 +114,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     _require_schema(rt)
     rt.engine()
     celery_app.app.worker_main([
-        "worker", "--pool=solo", f"--loglevel={settings.log_level}", "-Q", celery_app.QUEUE,
+        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+        f"--loglevel={settings.log_level}", "-Q", celery_app.QUEUE,
         "--without-gossip", "--without-mingle", f"--hostname=pleura@%h-{args.name}",
     ])
 

@@ -25,6 +25,7 @@ from dicom_node.results.sr import build_sr
 from dicom_node.results.uids import derive_uid
 from dicom_node.spool import atomic_write
 from engines import Engine
+from engines.batching import DynamicBatcher
 from worker import eligibility
 from worker.jobs import LeaseKeeper, LeaseLost, claim, fail, still_owned
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
@@ -40,7 +41,6 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 #: Name of the bundle finding used as the study-level triage summary, when the bundle has it.
 SUMMARY_FINDING = "Abnormal"
-BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
 
     engine = rt.engine()
     eligible, reasons = _gate(sources, engine.bundle.intended_use)
-    results = _infer(engine, eligible)
+    results = _infer(rt.batcher(), engine, eligible)
     outputs = _build_outputs(rt, engine, study_uid, results, eligible, previous_sr_path)
 
     now = utcnow()
@@ -158,14 +158,13 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], 
     return eligible, reasons
 
 
-def _infer(engine: Engine, eligible: list[_Eligible]) -> list[ImageResult]:
-    bundle = engine.bundle
-    specs = {f.name: f for f in bundle.findings}
+def _infer(batcher: DynamicBatcher, engine: Engine, eligible: list[_Eligible]) -> list[ImageResult]:
+    """All of a study's images in one request to the batcher, which merges concurrent studies."""
+    specs = {f.name: f for f in engine.bundle.findings}
     results: list[ImageResult] = []
-    for start in range(0, len(eligible), BATCH_SIZE):
-        chunk = eligible[start : start + BATCH_SIZE]
-        out = engine.infer([pixels for _, _, pixels in chunk])
-        for row, (_source, ds, pixels) in enumerate(chunk):
+    if eligible:
+        out = batcher.infer([pixels for _, _, pixels in eligible])
+        for row, (_source, ds, pixels) in enumerate(eligible):
             findings = tuple(
                 FindingResult(
                     name=name,

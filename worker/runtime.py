@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from engines import Engine, load
+from engines.batching import DynamicBatcher
 from worker import models
 from worker.ledger.db import Ledger
 from worker.settings import Settings
@@ -22,6 +23,7 @@ class Runtime:
     ledger: Ledger
     publish: Callable[[str, int], None]
     _engines: dict[str, Engine] = field(default_factory=dict)
+    _batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def engine(self) -> Engine:
@@ -31,9 +33,21 @@ class Runtime:
             if key not in self._engines:
                 bundle = models.bundle(self.settings, self.settings.model)
                 engine = load(bundle, backend=self.settings.backend)
-                log.info("model loaded", bundle=bundle.name, version=bundle.version, backend=engine.backend)
+                log.info("model loaded", bundle=bundle.name, version=bundle.version, backend=engine.backend,
+                         selection=engine.selection_reason)
                 self._engines[key] = engine
             return self._engines[key]
+
+    def batcher(self) -> DynamicBatcher:
+        """The dynamic batcher in front of :meth:`engine`: one inference thread per loaded engine."""
+        engine = self.engine()
+        with self._lock:
+            key = f"{self.settings.model}|{self.settings.backend}"
+            if key not in self._batchers:
+                self._batchers[key] = DynamicBatcher(
+                    engine, max_batch=self.settings.batch_max, max_wait_ms=self.settings.batch_max_wait_ms
+                )
+            return self._batchers[key]
 
 
 _current: Runtime | None = None

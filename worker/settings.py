@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     model: str = "demo"
     models_dir: Path | None = None
     backend: str = "auto"
+    worker_concurrency: int = Field(4, ge=1)
+    batch_max: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(5.0, ge=0)
     sweep_interval_seconds: float = 2.0
     lease_seconds: float = 60.0
     max_attempts: int = 3

@@ -7,13 +7,17 @@ import importlib.util
 from engines.backends.base import Backend, BackendUnavailable, RawOutputs
 from engines.bundle import Bundle
 
-KINDS = ("onnxruntime", "torch")
+KINDS = ("tensorrt", "onnxruntime", "torch")
 
-__all__ = ["KINDS", "Backend", "BackendUnavailable", "RawOutputs", "auto_order", "create"]
+__all__ = ["KINDS", "Backend", "BackendUnavailable", "RawOutputs", "auto_order", "create", "skipped_by_auto"]
 
 
 def create(kind: str, bundle: Bundle) -> Backend:
     """A backend of ``kind`` (one of :data:`KINDS`) loaded with ``bundle``."""
+    if kind == "tensorrt":
+        from engines.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle)
     if kind == "onnxruntime":
         from engines.backends.ort import OnnxRuntimeBackend
 
@@ -25,15 +29,28 @@ def create(kind: str, bundle: Bundle) -> Backend:
     raise ValueError(f"unknown backend {kind!r}; choose 'auto' or one of {', '.join(KINDS)}")
 
 
-def auto_order() -> list[str]:
-    """Backends in the order ``auto`` tries them: a GPU first, and ONNX Runtime before torch.
+def auto_order(bundle: Bundle | None = None) -> list[str]:
+    """Backends ``auto`` tries, fastest first: TensorRT, then GPU backends, then ONNX Runtime on CPU.
 
-    ONNX Runtime (graph-optimized) is preferred on equal hardware; torch goes first only if it
-    can reach a GPU that ONNX Runtime cannot.
+    TensorRT comes first when it can run here (see :func:`skipped_by_auto`). Then torch on CUDA
+    if the bundle allows fp16 (it then runs in fp16), else ONNX Runtime, which is preferred on
+    equal hardware (graph-optimized); torch goes before it only if it reaches a GPU that ONNX
+    Runtime cannot.
     """
-    if _ort_has_cuda() or not _torch_has_cuda():
-        return ["onnxruntime", "torch"]
-    return ["torch", "onnxruntime"]
+    order = [] if "tensorrt" in skipped_by_auto() else ["tensorrt"]
+    torch_cuda, ort_cuda = _torch_has_cuda(), _ort_has_cuda()
+    fp16 = bundle is not None and "fp16" in bundle.manifest["parity"]["tolerance"]
+    if torch_cuda and (fp16 or not ort_cuda):
+        return [*order, "torch", "onnxruntime"]
+    return [*order, "onnxruntime", "torch"]
+
+
+def skipped_by_auto() -> dict[str, str]:
+    """Backends ``auto`` does not try here, with the reason (TensorRT without its library or a GPU)."""
+    from engines.backends.tensorrt import unavailable_reason
+
+    reason = unavailable_reason()
+    return {"tensorrt": reason} if reason else {}
 
 
 def _ort_has_cuda() -> bool:
