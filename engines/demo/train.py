@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     for backend in ("onnxruntime", "torch"):
         _log(f"verified {load(out, backend=backend).backend}", start)
     _log(f"bundle written to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.2f} MB)", start)
+    _log("the card now shows held-out figures only; run `python -m engines.demo.crossval` for the "
+         "cross-validated ones of this recipe", start)
 
 
 if __name__ == "__main__":
