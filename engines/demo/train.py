@@ -29,7 +29,7 @@ from engines.architectures import build
 from engines.bundle import SCHEMA_VERSION
 from engines.demo import card
 from engines.demo.metrics import auc, bootstrap_auc_ci, roc_curve, youden_threshold
-from engines.importers.writer import synthetic_inputs, write_bundle, write_manifest
+from engines.importers.writer import ADULT_FRONTAL_CHEST, synthetic_inputs, write_bundle, write_manifest
 from engines.preprocess import geometry, normalize, resize
 from engines.runtime import load
 
@@ -204,12 +204,7 @@ def manifest(
             ),
             "built_by": BUILD_COMMAND,
         },
-        "intended_use": {
-            "modalities": ["CR", "DX"],
-            "body_parts": ["CHEST"],
-            "views": ["PA", "AP"],
-            "min_age_years": 18,
-        },
+        "intended_use": dict(ADULT_FRONTAL_CHEST),
         "input": {
             "size": list(SIZE),
             "channels": 1,

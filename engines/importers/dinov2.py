@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.importers.writer import write_bundle
+from engines.importers.writer import ADULT_FRONTAL_CHEST, write_bundle
 from engines.nets.vit import ViTLinear, from_hf_dinov2
 
 #: ImageNet statistics, the Hugging Face default for DINOv2 image processors.
@@ -181,12 +181,7 @@ def vit_manifest(
         "description": description,
         "licence": licence,
         "source": source,
-        "intended_use": {
-            "modalities": ["CR", "DX"],
-            "body_parts": ["CHEST"],
-            "views": ["PA", "AP"],
-            "min_age_years": 18,
-        },
+        "intended_use": dict(ADULT_FRONTAL_CHEST),
         "input": {
             "size": list(size),
             "channels": 1,

@@ -38,6 +38,10 @@ ONNX_OPSET = 17
 Progress = Callable[[str], None]
 
 
+#: Intended use of a chest radiograph model unless its importer is told otherwise.
+ADULT_FRONTAL_CHEST = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "views": ["PA", "AP"], "min_age_years": 18}
+
+
 def synthetic_inputs(seed: int = 0) -> list[np.ndarray]:
     """Three non-patient images in [0, 1] of varied sizes and aspects, for golden outputs.
 

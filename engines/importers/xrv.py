@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from engines.bundle import SCHEMA_VERSION
-from engines.importers.writer import write_bundle
+from engines.importers.writer import ADULT_FRONTAL_CHEST, write_bundle
 from engines.nets.densenet import DenseNet
 
 #: torchxrayvision's output order for the ``densenet121-res224-all`` weights.
@@ -292,12 +292,7 @@ def _manifest(
             ),
             "built_by": f"pleura models import torchxrayvision {Path(source).name} --name {name} --version {version}",
         },
-        "intended_use": {
-            "modalities": ["CR", "DX"],
-            "body_parts": ["CHEST"],
-            "views": ["PA", "AP"],
-            "min_age_years": 18,
-        },
+        "intended_use": dict(ADULT_FRONTAL_CHEST),
         "input": {
             "size": [SIZE, SIZE],
             "channels": 1,
