@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, REDIS_URL, reachable
+from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, REDIS_URL, errors_and_warnings, reachable, require_tool
 
 
 @pytest.fixture
@@ -66,3 +67,28 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> Callable[[Path], tuple[list[str], list[str]]]:
+    """Run dicom3tools dciodvfy on a file; returns (error lines, warning lines)."""
+    binary = require_tool("dciodvfy")
+
+    def run(path: Path) -> tuple[list[str], list[str]]:
+        done = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60,
+                              check=False)
+        return errors_and_warnings(done.stdout + done.stderr)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def dsrdump() -> Callable[[Path], subprocess.CompletedProcess]:
+    """Run DCMTK dsrdump on a file."""
+    binary = require_tool("dsrdump")
+
+    def run(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    return run

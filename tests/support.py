@@ -51,3 +51,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def errors_and_warnings(output: str) -> tuple[list[str], list[str]]:
+    """dciodvfy's error and warning lines."""
+    lines = output.splitlines()
+    return ([line for line in lines if line.startswith("Error")],
+            [line for line in lines if line.startswith("Warning")])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -14,10 +12,9 @@ from dicom_node.results.content import Algorithm, FindingResult, ImageResult
 from tests.dicom_node.node_helpers import (
     ABNORMAL,
     decode_unit,
-    errors_and_warnings,
     make_findings,
 )
-from tests.support import NIH, REAL_CR, require_tool
+from tests.support import NIH, REAL_CR
 
 
 def _require(path: Path) -> Path:
@@ -53,26 +50,3 @@ def rg1_result(rg1: Dataset) -> ImageResult:
     return ImageResult(source=rg1, pixels=decode_unit(rg1), findings=make_findings())
 
 
-@pytest.fixture(scope="session")
-def dciodvfy() -> Callable[[Path], tuple[list[str], list[str]]]:
-    """Run dicom3tools dciodvfy on a file; returns (error lines, warning lines)."""
-    binary = require_tool("dciodvfy")
-
-    def run(path: Path) -> tuple[list[str], list[str]]:
-        done = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60,
-                              check=False)
-        return errors_and_warnings(done.stdout + done.stderr)
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def dsrdump() -> Callable[[Path], subprocess.CompletedProcess]:
-    """Run DCMTK dsrdump on a file."""
-    binary = require_tool("dsrdump")
-
-    def run(path: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60,
-                              check=False)
-
-    return run

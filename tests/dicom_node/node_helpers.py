@@ -43,7 +43,3 @@ def make_findings(seed: int = 0) -> tuple[FindingResult, ...]:
     )
 
 
-def errors_and_warnings(output: str) -> tuple[list[str], list[str]]:
-    lines = output.splitlines()
-    return ([line for line in lines if line.startswith("Error")],
-            [line for line in lines if line.startswith("Warning")])

@@ -17,7 +17,7 @@ QUIET = 3
 
 
 @pytest.mark.integration
-def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path) -> None:
+def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path, dciodvfy, dsrdump) -> None:  # type: ignore[no-untyped-def]
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port = free_port()
     env = {
@@ -45,6 +45,11 @@ def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path) ->
         assert {o.StudyInstanceUID for o in objects} == {source.StudyInstanceUID}
         assert {o.PatientID for o in objects} == {source.PatientID}
         assert len(objects) == 2
+        for path, obj in zip(received, objects, strict=True):  # what a PACS receives must validate
+            errors, _warnings = dciodvfy(path)
+            assert errors == [], f"{obj.Modality}: {errors}"
+            if obj.Modality == "SR":
+                assert dsrdump(path).returncode == 0
 
         status = json.loads(pleura_run(env, "status", "--json"))
         assert status[0]["study_instance_uid"] == source.StudyInstanceUID

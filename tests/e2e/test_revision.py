@@ -16,7 +16,7 @@ QUIET = 2
 
 
 @pytest.mark.integration
-def test_late_instance_produces_a_successor_sr(real_cr: Path, tmp_path: Path) -> None:
+def test_late_instance_produces_a_successor_sr(real_cr: Path, tmp_path: Path, dciodvfy) -> None:  # type: ignore[no-untyped-def]
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port = free_port()
     env = {
@@ -52,6 +52,7 @@ def test_late_instance_produces_a_successor_sr(real_cr: Path, tmp_path: Path) ->
         predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
         assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
         assert first.SeriesInstanceUID == second.SeriesInstanceUID  # one SR series per model version
+        assert all(dciodvfy(f)[0] == [] for f in files)
         status = json.loads(pleura_run(env, "status", "--json"))[0]
         assert (status["state"], status["revision"], status["instances"]) == ("DONE", 2, 2)
     except BaseException:
