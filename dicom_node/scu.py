@@ -11,6 +11,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+#: Success and the general warning statuses of PS3.7 C.4.2 (attribute list / value out of range).
+_WARNINGS = {0x0000, 0x0107, 0x0116}
 #: pynetdicom's limit on presentation contexts in one association request.
 _MAX_CONTEXTS = 128
 
@@ -26,7 +28,13 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and (self.status == 0 or self.status & 0xF000 == 0xB000)
+        """Success, or a warning (0xBxxx, 0x0107, 0x0116): the peer stored the object."""
+        return self.status is not None and (self.status in _WARNINGS or self.status & 0xF000 == 0xB000)
+
+    @property
+    def permanent(self) -> bool:
+        """A refusal that a retry cannot change (0xA9xx: not this SOP class, 0xCxxx: cannot understand)."""
+        return self.status is not None and (self.status & 0xFF00 == 0xA900 or self.status & 0xF000 == 0xC000)
 
 
 class AssociationRejected(ConnectionError):

@@ -68,9 +68,11 @@ def atomic_write(path: Path, data: bytes) -> None:
 class Spool:
     """Content-checked storage ``<root>/<study uid>/<sop uid>.dcm``.
 
-    Duplicate policy: identical bytes for a SOP Instance UID are a no-op; different bytes
-    are kept as a new file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is
-    ever overwritten) and reported as ``CHANGED``.
+    Duplicate policy: bytes already stored for a SOP Instance UID (any version) are not
+    written again (``IDENTICAL``, with the path that holds them); different bytes are kept as a
+    new file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is ever overwritten)
+    and reported as ``CHANGED``. Whether the instance changed is the application's call: it
+    compares the digest with the version it records as current.
     """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
@@ -86,8 +88,9 @@ class Spool:
         path = folder / f"{check_uid(sop_uid)}.dcm"
         digest = hashlib.sha256(data).hexdigest()
         if path.exists():
-            if _sha256_of(path) == digest:
-                return SpoolWrite(path, digest, len(data), WriteOutcome.IDENTICAL)
+            for stored in (path, folder / f"{sop_uid}.{digest[:8]}.dcm"):
+                if stored.exists() and _sha256_of(stored) == digest:
+                    return SpoolWrite(stored, digest, len(data), WriteOutcome.IDENTICAL)
             path = folder / f"{sop_uid}.{digest[:8]}.dcm"
             outcome = WriteOutcome.CHANGED
         else:

@@ -47,10 +47,11 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
         path, target = Path(delivery.output.path), Destination.parse(delivery.destination)
 
     status: int | None = None
+    permanent = False
     try:
         result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
                             calling_ae=settings.ae_title)[0]
-        status, error, ok = result.status, result.error, result.ok
+        status, error, ok, permanent = result.status, result.error, result.ok, result.permanent
         if not ok and error is None:
             error = f"peer answered status 0x{status:04X}" if status is not None else "no status"
     except Exception as exc:  # network, association and file errors all mean "try again"
@@ -67,7 +68,7 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
                    destination=delivery.destination, peer_status=status)
             return
         delivery.last_error = error
-        if delivery.attempts >= settings.delivery_max_attempts:
+        if permanent or delivery.attempts >= settings.delivery_max_attempts:
             delivery.state = DeliveryState.FAILED
             record(s, "delivery_failed", study_id=study_id, delivery_id=delivery_id,
                    destination=delivery.destination, attempts=delivery.attempts, error=error)

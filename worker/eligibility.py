@@ -44,8 +44,11 @@ def check(ds: Dataset, intended_use: dict) -> str | None:
     if modality not in modalities and not (is_sc and _looks_like_chest(ds)):
         return f"modality {modality or 'missing'} not in intended use {sorted(modalities)}"
     body_part = str(ds.get("BodyPartExamined", "")).upper()
-    if body_part and body_part not in _CHEST_WORDS:
-        return f"body part {body_part} is not chest"
+    body_parts = {b.upper() for b in intended_use.get("body_parts", ["CHEST"])}
+    if "CHEST" in body_parts:
+        body_parts |= _CHEST_WORDS
+    if body_part and body_part not in body_parts:
+        return f"body part {body_part} not in intended use {sorted(intended_use.get('body_parts', ['CHEST']))}"
     view = str(ds.get("ViewPosition", "")).upper()
     views = {v.upper() for v in intended_use.get("views", ["PA", "AP"])}
     if view in _LATERAL_VIEWS or (view and view not in views):

@@ -7,7 +7,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.scp import Peer, StoredInstance
-from dicom_node.spool import WriteOutcome
 from worker.ledger import Association, Instance, Study
 from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
@@ -69,7 +68,7 @@ class LedgerReceiver:
         instance = s.scalars(
             select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
         ).one_or_none()
-        if instance is not None and stored.outcome is WriteOutcome.IDENTICAL:
+        if instance is not None and instance.sha256 == stored.sha256:
             instance.times_received += 1
             return
         if instance is None:

@@ -49,6 +49,7 @@ class _Source:
     sop_instance_uid: str
     path: str
     sha256: str
+    number: int  # arrival rank in the study: the instance number of its SC
 
 
 @dataclass(frozen=True)
@@ -81,26 +82,28 @@ def run_job(rt: Runtime, job_id: int) -> None:
 
 
 def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
+    engine = rt.engine()
     with rt.ledger.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        study_uid = job.study.study_instance_uid
+        study_uid, revision = job.study.study_instance_uid, job.revision
+        # in arrival order, so an image keeps its SC instance number when the study grows
         sources = [
-            _Source(i.id, i.sop_instance_uid, i.spool_path, i.sha256)
-            for i in sorted(job.study.instances, key=lambda i: i.sop_instance_uid)
+            _Source(i.id, i.sop_instance_uid, i.spool_path, i.sha256, number)
+            for number, i in enumerate(sorted(job.study.instances, key=lambda i: i.id), start=1)
         ]
         previous_sr = s.scalars(
             select(OutputObject)
             .join(Job)
-            .where(Job.study_id == job.study_id, OutputObject.kind == "SR", Job.id != job_id)
+            .where(Job.study_id == job.study_id, Job.bundle_name == engine.bundle.name,
+                   OutputObject.kind == "SR", Job.id != job_id)
             .order_by(OutputObject.created_at.desc())
         ).first()
         previous_sr_path = previous_sr.path if previous_sr else None
 
-    engine = rt.engine()
     eligible, reasons = _gate(sources, engine.bundle.intended_use)
     results = _infer(rt.batcher(), engine, eligible)
-    outputs = _build_outputs(rt, engine, study_uid, results, eligible, previous_sr_path)
+    outputs = _build_outputs(rt, engine, study_uid, revision, results, eligible, previous_sr_path)
 
     now = utcnow()
     with rt.ledger.session() as s:
@@ -183,6 +186,7 @@ def _build_outputs(
     rt: Runtime,
     engine: Engine,
     study_uid: str,
+    revision: int,
     results: list[ImageResult],
     eligible: list[_Eligible],
     previous_sr_path: str | None,
@@ -212,7 +216,7 @@ def _build_outputs(
             series_instance_uid=derive_uid("sc-series", study_uid, *model),
             sop_instance_uid=sc_uid,
             series_number=SC_SERIES_NUMBER,
-            instance_number=len(outputs) + 1,
+            instance_number=source.number,
         )
         outputs.append(_Output("SC", sc, folder / f"{sc_uid}.dcm", source.sop_instance_uid))
     predecessor = dcmread(previous_sr_path) if previous_sr_path else None
@@ -225,7 +229,7 @@ def _build_outputs(
         series_instance_uid=derive_uid("sr-series", study_uid, *model),
         sop_instance_uid=sr_uid,
         series_number=SR_SERIES_NUMBER,
-        instance_number=1,
+        instance_number=revision,
         predecessor=predecessor,
         study_summary=_summary(results),
     )
@@ -233,8 +237,9 @@ def _build_outputs(
         _Output("SR", sr, folder / f"{sr_uid}.dcm",
                 predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)
     )
-    for output in outputs:
-        atomic_write(output.path, _encode(output.dataset))
+    for output in outputs:  # an object already written (same UID) keeps its bytes
+        if not output.path.exists():
+            atomic_write(output.path, _encode(output.dataset))
     return outputs
 
 

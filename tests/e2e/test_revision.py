@@ -52,6 +52,8 @@ def test_late_instance_produces_a_successor_sr(real_cr: Path, tmp_path: Path, dc
         predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
         assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
         assert first.SeriesInstanceUID == second.SeriesInstanceUID  # one SR series per model version
+        assert (first.InstanceNumber, second.InstanceNumber) == (1, 2)
+        assert sorted(o.InstanceNumber for o in objects if o.Modality != "SR") == [1, 2]
         assert all(dciodvfy(f)[0] == [] for f in files)
         status = json.loads(pleura_run(env, "status", "--json"))[0]
         assert (status["state"], status["revision"], status["instances"]) == ("DONE", 2, 2)

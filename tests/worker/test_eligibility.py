@@ -23,7 +23,9 @@ def test_frontal_adult_chest_cr_is_eligible() -> None:
 
 
 def test_reasons() -> None:
-    assert check(_image(BodyPartExamined="KNEE"), USE) == "body part KNEE is not chest"
+    assert check(_image(BodyPartExamined="KNEE"), USE) == "body part KNEE not in intended use ['CHEST']"
+    assert check(_image(BodyPartExamined="THORAX"), USE) is None  # a synonym of CHEST
+    assert check(_image(BodyPartExamined="KNEE"), {**USE, "body_parts": ["KNEE"]}) is None
     assert check(_image(ViewPosition="LL"), USE) == "view LL not in intended use ['AP', 'PA']"
     assert check(_image(PatientAge="010Y"), USE) == "patient age below the intended minimum of 18 years"
     assert check(_image(Modality="CT"), USE).startswith("modality CT not in intended use")

@@ -73,13 +73,22 @@ def test_identical_duplicate_is_a_noop_and_changed_bytes_are_kept(listener, real
     changed_path = tmp_path / "changed.dcm"
     changed.save_as(changed_path)
     assert storescu(port, changed_path).returncode == 0
-    with ledger.session() as s:
-        instance = s.scalars(select(Instance)).one()
-        assert instance.times_received == 3
-        kinds = [e.kind for e in s.scalars(select(Event)).all()]
-        assert "instance_changed" in kinds
-    files = sorted(p.name for p in spool.rglob("*.dcm"))
-    assert len(files) == 2  # first copy kept, changed copy beside it
+    assert storescu(port, changed_path).returncode == 0  # the same correction again: no change
+
+    def current() -> tuple[str, int, int]:
+        with ledger.session() as s:
+            instance = s.scalars(select(Instance)).one()
+            changes = sum(e.kind == "instance_changed" for e in s.scalars(select(Event)).all())
+            return instance.spool_path, instance.times_received, changes
+
+    path, times, changes = current()
+    assert (times, changes) == (4, 1)
+    assert dcmread(path).SeriesDescription == "corrected"
+    assert len(list(spool.rglob("*.dcm"))) == 2  # first copy kept, changed copy beside it
+    assert storescu(port, real_cr).returncode == 0  # back to the original bytes
+    path, times, changes = current()
+    assert (times, changes) == (5, 2) and dcmread(path).get("SeriesDescription") != "corrected"
+    assert len(list(spool.rglob("*.dcm"))) == 2  # nothing new written
 
 
 def test_invalid_study_uid_is_refused_with_a_status(listener, real_cr: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
