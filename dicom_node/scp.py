@@ -27,7 +27,6 @@ log = structlog.get_logger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 
 #: Transfer syntaxes we accept, in order of preference when a peer proposes several in one
 #: context: lossless compressed (stored exactly as sent), then uncompressed, then lossy
@@ -52,7 +51,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 #: Header attributes the application gets with each instance (no PHI among them).
-_HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+_HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
 
 @dataclass(frozen=True)
@@ -171,6 +170,8 @@ class StorageSCP:
             header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
             study_uid = str(header.get("StudyInstanceUID", ""))
             series_uid = str(header.get("SeriesInstanceUID", ""))
+            if str(header.get("SOPInstanceUID", "")) != sop_uid:
+                raise ValueError("SOP Instance UID in the data set differs from the C-STORE request's")
             written = self.spool.store(study_uid, sop_uid, data)
         except SpoolFull as exc:
             log.warning("refused: spool full", sop_class=sop_class, error=str(exc))

@@ -128,3 +128,23 @@ def test_spool_over_watermark_refuses_with_out_of_resources(real_cr: Path, tmp_p
     assert not [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
     with ledger.session() as s:
         assert s.scalars(select(Instance)).first() is None
+
+
+def test_sop_instance_uid_mismatch_is_refused(real_cr: Path, tmp_path: Path) -> None:
+    """DCMTK and pynetdicom always send matching UIDs, so the handler gets a hand-made request."""
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from dicom_node.scp import CANNOT_UNDERSTAND
+
+    buffer = BytesIO()
+    dcmread(real_cr).save_as(buffer)
+    event = SimpleNamespace(
+        request=SimpleNamespace(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.1", AffectedSOPInstanceUID="1.2.3.4.5"),
+        context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.4.91"),
+        encoded_dataset=lambda include_meta=True: buffer.getvalue(),
+        assoc=object(),
+    )
+    scp = StorageSCP("PLEURA", "127.0.0.1", free_port(), Spool(tmp_path / "spool"), receiver=None)  # type: ignore[arg-type]
+    assert scp._on_store(event) == CANNOT_UNDERSTAND
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
