@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,11 @@ def test_late_instance_produces_a_successor_sr(real_cr: Path, tmp_path: Path, dc
         assert (first.InstanceNumber, second.InstanceNumber) == (1, 2)
         assert sorted(o.InstanceNumber for o in objects if o.Modality != "SR") == [1, 2]
         assert all(dciodvfy(f)[0] == [] for f in files)
+        with sqlite3.connect(tmp_path / "var" / "pleura.db") as db:  # the ledger keeps both versions
+            ledger_srs = db.execute("SELECT o.sop_instance_uid, o.predecessor_sop_instance_uid, j.revision "
+                                    "FROM output_objects o JOIN jobs j ON j.id = o.job_id "
+                                    "WHERE o.kind = 'SR' ORDER BY j.revision").fetchall()
+        assert ledger_srs == [(first.SOPInstanceUID, None, 1), (second.SOPInstanceUID, first.SOPInstanceUID, 2)]
         status = json.loads(pleura_run(env, "status", "--json"))[0]
         assert (status["state"], status["revision"], status["instances"]) == ("DONE", 2, 2)
     except BaseException:

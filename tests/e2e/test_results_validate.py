@@ -1,0 +1,91 @@
+"""Issue 4, must show 1, 2 and 4: what the demo model really produces for 20 NIH-derived studies
+and the real CR is valid DICOM, has one region per positive finding on the right image, and
+ineligible studies (lateral only, not chest) get ledger reasons and no results."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+
+from tests.e2e.harness import pleura, pleura_run, storescp, wait_for, wait_port
+from tests.support import free_port
+
+QUIET = 2
+N_STUDIES = 20
+
+
+@pytest.mark.integration
+def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: ignore[no-untyped-def]
+    nih: Path, real_cr: Path, tmp_path: Path, dciodvfy, dsrdump
+) -> None:
+    inputs = tmp_path / "inputs"
+    pleura_run({}, "synth", "--images", str(nih / "images"), "--labels", str(nih / "labels.csv"),
+               "--out", str(inputs), "--limit", str(N_STUDIES), "--transfer-syntax", "j2k")
+    lateral, knee = dcmread(real_cr), dcmread(real_cr)
+    for ds, attrs in ((lateral, {"ViewPosition": "LL"}), (knee, {"BodyPartExamined": "KNEE"})):
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+    lateral.save_as(inputs / "lateral.dcm")
+    knee.save_as(inputs / "knee.dcm")
+    (inputs / "rg1.dcm").write_bytes(real_cr.read_bytes())
+
+    dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
+    port = free_port()
+    env = {"PLEURA_DATA_DIR": str(tmp_path / "var"), "PLEURA_DICOM_PORT": str(port),
+           "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}", "PLEURA_STUDY_QUIET_SECONDS": str(QUIET),
+           "PLEURA_MIN_FREE_DISK_MB": "20"}
+    serve = pleura("serve", env, tmp_path / "serve.log")
+    expected = 2 * (N_STUDIES + 1)  # SR + SC per eligible single-image study, none for the other two
+    try:
+        wait_port(port, serve, timeout=120)
+        pleura_run({}, "send", "127.0.0.1", str(port), str(inputs))
+        db = sqlite3.connect(tmp_path / "var" / "pleura.db")
+        wait_for(lambda: db.execute("SELECT count(*) FROM studies WHERE state = 'DONE'").fetchone()[0]
+                 == N_STUDIES + 3 and db.execute("SELECT count(*) FROM deliveries WHERE state <> 'DELIVERED'"
+                                                 ).fetchone()[0] == 0, 240, "all studies processed and delivered")
+        files = sorted((tmp_path / "received").iterdir())
+        assert len(files) == expected
+
+        reasons = dict(db.execute("SELECT sop_instance_uid, ineligible_reason FROM instances "
+                                  "WHERE ineligible_reason IS NOT NULL").fetchall())
+        assert reasons == {lateral.SOPInstanceUID: "view LL not in intended use ['AP', 'PA']",
+                           knee.SOPInstanceUID: "body part KNEE not in intended use ['CHEST']"}
+        notes = db.execute("SELECT count(*) FROM studies WHERE note = 'no eligible images'").fetchone()[0]
+        assert notes == 2
+        positives = {}
+        for sop, finding in db.execute("SELECT i.sop_instance_uid, f.finding FROM findings f "
+                                       "JOIN instances i ON i.id = f.instance_id WHERE f.positive"):
+            positives.setdefault(sop, set()).add(finding)
+        db.close()
+
+        srs = 0
+        for path in files:
+            errors, _warnings = dciodvfy(path)
+            assert errors == [], f"{path.name}: {errors}"
+            if dcmread(path, stop_before_pixels=True).SOPClassUID != Comprehensive3DSRStorage:
+                continue
+            srs += 1
+            assert dsrdump(path).returncode == 0
+            report = hd.sr.srread(path)
+            source = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            sop = source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            groups = report.content.get_planar_roi_measurement_groups()
+            names = {g.finding_type.meaning for g in groups}
+            assert len(groups) == len(positives.get(sop, set())), (sop, names, positives.get(sop))
+            for group in groups:
+                reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+                assert reference.ReferencedSOPInstanceUID == sop  # the region lies on the right image
+        assert srs == N_STUDIES + 1
+    except BaseException:
+        print(serve.tail())
+        raise
+    finally:
+        serve.stop()
+        dest.stop()
