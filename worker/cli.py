@@ -191,12 +191,17 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
             from engines.importers import import_model
 
             out = args.out or settings.effective_models_dir / args.name
-            options = dict(option.split("=", 1) for option in args.option)
+            options = {key: _option_value(value) for key, value in (o.split("=", 1) for o in args.option)}
             path = import_model(args.kind, args.source, out, name=args.name, version=args.version,
                                 progress=lambda message: print(message, file=sys.stderr), **options)
             print(f"imported {args.kind} model as bundle {args.name} {args.version} at {path}")
     except (ParityError, BundleError, BackendUnavailable, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+
+
+def _option_value(text: str) -> str | bool:
+    """``true``/``false`` become booleans (``allow_pickle=false`` must not read as truthy)."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def build_parser() -> argparse.ArgumentParser:
