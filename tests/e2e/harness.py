@@ -45,6 +45,17 @@ class Proc:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+def embedded_env(tmp_path: Path, port: int, dest_port: int, quiet: float) -> dict[str, str]:
+    """Settings for `pleura serve` on embedded defaults, delivering to DEST@127.0.0.1:dest_port."""
+    return {
+        "PLEURA_DATA_DIR": str(tmp_path / "var"),
+        "PLEURA_DICOM_PORT": str(port),
+        "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
+        "PLEURA_STUDY_QUIET_SECONDS": str(quiet),
+        "PLEURA_MIN_FREE_DISK_MB": "20",  # CI disks can be nearly full; the watermark has its own test
+    }
+
+
 def pleura(command: str, env: dict[str, str], log: Path, *args: str) -> Proc:
     return Proc([PLEURA, command, *args], log, env)
 

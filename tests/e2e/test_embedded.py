@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
-from tests.e2e.harness import pleura, pleura_run, storescp, wait_for, wait_port
+from tests.e2e.harness import embedded_env, pleura, pleura_run, storescp, wait_for, wait_port
 from tests.support import free_port, require_tool
 
 QUIET = 3
@@ -20,13 +20,7 @@ QUIET = 3
 def test_serve_receives_processes_and_delivers(real_cr: Path, tmp_path: Path, dciodvfy, dsrdump) -> None:  # type: ignore[no-untyped-def]
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port = free_port()
-    env = {
-        "PLEURA_DATA_DIR": str(tmp_path / "var"),
-        "PLEURA_DICOM_PORT": str(port),
-        "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
-        "PLEURA_STUDY_QUIET_SECONDS": str(QUIET),
-        "PLEURA_MIN_FREE_DISK_MB": "20",  # CI disks can be nearly full; the watermark has its own test
-    }
+    env = embedded_env(tmp_path, port, dest_port, QUIET)
     serve = pleura("serve", env, tmp_path / "serve.log")
     try:
         wait_port(port, serve, timeout=120)

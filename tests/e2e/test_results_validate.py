@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
-from tests.e2e.harness import pleura, pleura_run, storescp, wait_for, wait_port
+from tests.e2e.harness import embedded_env, pleura, pleura_run, storescp, wait_for, wait_port
 from tests.support import free_port
 
 QUIET = 2
@@ -38,9 +38,7 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
 
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port = free_port()
-    env = {"PLEURA_DATA_DIR": str(tmp_path / "var"), "PLEURA_DICOM_PORT": str(port),
-           "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}", "PLEURA_STUDY_QUIET_SECONDS": str(QUIET),
-           "PLEURA_MIN_FREE_DISK_MB": "20"}
+    env = embedded_env(tmp_path, port, dest_port, QUIET)
     serve = pleura("serve", env, tmp_path / "serve.log")
     expected = 2 * (N_STUDIES + 1)  # SR + SC per eligible single-image study, none for the other two
     try:
