@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -57,6 +58,19 @@ class Bundle:
     findings: tuple[FindingSpec, ...]
     intended_use: dict[str, Any]
     sha256: str
+
+    @cached_property
+    def model_sha256(self) -> str:
+        """SHA-256 of what decides the outputs: the manifest and every file but the model card.
+
+        Two bundles with the same name and version but different weights or thresholds differ
+        here, so results derived from it (e.g. DICOM UIDs) never collide.
+        """
+        digest = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        for role, name in sorted(self.manifest["files"].items()):
+            if role != "model_card":
+                digest.update(role.encode() + b"\0" + hashlib.sha256((self.path / name).read_bytes()).digest())
+        return digest.hexdigest()
 
     def file(self, role: str) -> Path:
         """Path of the bundle file with ``role`` in the manifest's ``files`` (e.g. ``"onnx"``)."""

@@ -200,12 +200,12 @@ def _build_outputs(
         manufacturer=eligibility.OWN_MANUFACTURER,
         version=bundle.version,
         software_version=__version__,
-        parameters={"bundle_sha256": bundle.sha256[:16]},
+        parameters={"model_sha256": bundle.model_sha256[:16]},
     )
     input_key = hashlib.sha256(
         "|".join(f"{src.sop_instance_uid}:{src.sha256}" for src, _, _ in eligible).encode()
     ).hexdigest()
-    model = (bundle.name, bundle.version)
+    model = (bundle.name, bundle.version, bundle.model_sha256[:16])  # weights, not just the label
     folder = rt.settings.outbox_dir / study_uid
     outputs: list[_Output] = []
     for (source, _ds, _px), result in zip(eligible, results, strict=True):

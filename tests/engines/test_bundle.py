@@ -91,3 +91,19 @@ def test_corrupt_model_file_is_a_bundle_error(demo_copy: Path, name: str, backen
     (demo_copy / name).write_bytes(b"not a model")
     with pytest.raises(BundleError, match=name):
         load(demo_copy, backend=backend)
+
+
+def test_model_hash_follows_weights_and_thresholds_not_the_card(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    from engines.bundle import BUILTIN_DIR, load_bundle
+
+    original = load_bundle("demo").model_sha256
+    copy = shutil.copytree(BUILTIN_DIR / "demo", tmp_path / "demo")
+    (copy / "MODEL_CARD.md").write_text("edited card")
+    assert load_bundle(copy).model_sha256 == original
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["findings"][0]["threshold"] = 0.9
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(copy).model_sha256 != original
