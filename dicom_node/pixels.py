@@ -6,10 +6,8 @@ MONOCHROME1 inversion, then a robust window (0.5th-99.5th percentile) onto [0, 1
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 
 _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
@@ -17,10 +15,6 @@ _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
 
 class UndecodableImage(ValueError):
     """The image cannot be turned into a grayscale array; the message says why."""
-
-
-def read_header(path: str | Path) -> Dataset:
-    return dcmread(path, stop_before_pixels=True)
 
 
 def decode(ds: Dataset) -> np.ndarray:

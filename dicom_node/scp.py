@@ -20,7 +20,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.spool import InvalidUID, Spool, SpoolFull, WriteOutcome
+from dicom_node.spool import InvalidUID, Spool, SpoolFull
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +78,6 @@ class StoredInstance:
     path: str
     size: int
     sha256: str
-    outcome: WriteOutcome
 
 
 class Receiver(Protocol):
@@ -195,7 +194,6 @@ class StorageSCP:
             path=str(written.path),
             size=written.size,
             sha256=written.sha256,
-            outcome=written.outcome,
         )
         try:
             self.receiver.instance_stored(stored)

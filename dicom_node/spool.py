@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from pydicom.uid import UID
@@ -24,18 +23,11 @@ class InvalidUID(ValueError):
     """A UID that is not a valid DICOM UID (and so never becomes part of a path)."""
 
 
-class WriteOutcome(Enum):
-    NEW = "new"
-    IDENTICAL = "identical"
-    CHANGED = "changed"
-
-
 @dataclass(frozen=True)
 class SpoolWrite:
     path: Path
     sha256: str
     size: int
-    outcome: WriteOutcome
 
 
 def check_uid(value: str) -> str:
@@ -69,10 +61,10 @@ class Spool:
     """Content-checked storage ``<root>/<study uid>/<sop uid>.dcm``.
 
     Duplicate policy: bytes already stored for a SOP Instance UID (any version) are not
-    written again (``IDENTICAL``, with the path that holds them); different bytes are kept as a
-    new file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is ever overwritten)
-    and reported as ``CHANGED``. Whether the instance changed is the application's call: it
-    compares the digest with the version it records as current.
+    written again (the path that holds them is returned); different bytes are kept as a new
+    file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is ever overwritten).
+    Whether the instance changed is the application's call: it compares the digest with the
+    version it records as current.
     """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
@@ -90,15 +82,12 @@ class Spool:
         if path.exists():
             for stored in (path, folder / f"{sop_uid}.{digest[:8]}.dcm"):
                 if stored.exists() and _sha256_of(stored) == digest:
-                    return SpoolWrite(stored, digest, len(data), WriteOutcome.IDENTICAL)
+                    return SpoolWrite(stored, digest, len(data))
             path = folder / f"{sop_uid}.{digest[:8]}.dcm"
-            outcome = WriteOutcome.CHANGED
-        else:
-            outcome = WriteOutcome.NEW
         if self.free_bytes() - len(data) < self.min_free_bytes:
             raise SpoolFull(f"spool free space below {self.min_free_bytes} bytes")
         atomic_write(path, data)
-        return SpoolWrite(path, digest, len(data), outcome)
+        return SpoolWrite(path, digest, len(data))
 
 
 def _sha256_of(path: Path) -> str:

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import select, update
 
 from dicom_node.scp import StoredInstance
-from dicom_node.spool import WriteOutcome
 from worker import jobs
 from worker.intake import LedgerReceiver
 from worker.ledger import Attempt, Event, Job, Study
@@ -29,7 +28,7 @@ def _receive(ledger: Ledger, sop: str, study: str = "1.2.3", sha: str = "a" * 64
         StoredInstance(association=None, sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid=sop,
                        study_instance_uid=study, series_instance_uid=study + ".1",
                        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CR", path=f"/spool/{sop}",
-                       size=10, sha256=sha, outcome=WriteOutcome.NEW)
+                       size=10, sha256=sha)
     )
 
 
