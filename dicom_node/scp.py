@@ -15,12 +15,11 @@ from typing import Protocol
 
 import structlog
 from pydicom import dcmread, uid
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.spool import InvalidUID, Spool, SpoolFull
+from dicom_node.spool import Spool, SpoolFull
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +91,12 @@ class Receiver(Protocol):
     def association_closed(self, key: object, reason: str) -> None:
         """Record the end of the association."""
 
+    def association_rejected(self, peer: Peer, reason: str) -> None:
+        """Record an association refused before it was established."""
+
+    def instance_refused(self, key: object, sop_instance_uid: str, status: int, reason: str) -> None:
+        """Record a C-STORE answered with a failure status (nothing of it was kept)."""
+
 
 class StorageSCP:
     """A running listener; ``start()`` returns at once, ``stop()`` shuts it down."""
@@ -161,11 +166,23 @@ class StorageSCP:
                 log.exception("association end could not be recorded")
 
     def _on_store(self, event: evt.Event) -> int:
-        sop_class = str(event.request.AffectedSOPClassUID)
+        with self._lock:
+            key = self._keys.get(id(event.assoc))
         sop_uid = str(event.request.AffectedSOPInstanceUID)
-        transfer_syntax = str(event.context.transfer_syntax)
-        data = event.encoded_dataset(include_meta=True)
+        status, reason = self._store(event, key, sop_uid)
+        if status != SUCCESS:
+            log.warning("C-STORE refused", status=f"0x{status:04X}", reason=reason)
+            try:
+                self.receiver.instance_refused(key, sop_uid, status, reason)
+            except Exception:
+                log.exception("refusal could not be recorded")
+        return status
+
+    def _store(self, event: evt.Event, key: object, sop_uid: str) -> tuple[int, str]:
+        """Spool and record one instance; return the DIMSE status and, on failure, why."""
+        sop_class = str(event.request.AffectedSOPClassUID)
         try:
+            data = event.encoded_dataset(include_meta=True)
             header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
             study_uid = str(header.get("StudyInstanceUID", ""))
             series_uid = str(header.get("SeriesInstanceUID", ""))
@@ -173,23 +190,18 @@ class StorageSCP:
                 raise ValueError("SOP Instance UID in the data set differs from the C-STORE request's")
             written = self.spool.store(study_uid, sop_uid, data)
         except SpoolFull as exc:
-            log.warning("refused: spool full", sop_class=sop_class, error=str(exc))
-            return OUT_OF_RESOURCES
-        except (InvalidDicomError, InvalidUID, ValueError, EOFError, KeyError) as exc:
-            log.warning("refused: cannot understand", sop_class=sop_class, error=str(exc)[:200])
-            return CANNOT_UNDERSTAND
+            return OUT_OF_RESOURCES, f"spool full: {exc}"
         except OSError as exc:
-            log.error("refused: spool write failed", error=str(exc))
-            return OUT_OF_RESOURCES
-        with self._lock:
-            key = self._keys.get(id(event.assoc))
+            return OUT_OF_RESOURCES, f"spool write failed: {type(exc).__name__}: {exc}"[:300]
+        except Exception as exc:  # anything unparseable is the peer's data set, never a crash here
+            return CANNOT_UNDERSTAND, f"cannot understand: {type(exc).__name__}: {exc}"[:300]
         stored = StoredInstance(
             association=key,
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
-            transfer_syntax_uid=transfer_syntax,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
             modality=header.get("Modality") or None,
             path=str(written.path),
             size=written.size,
@@ -197,7 +209,7 @@ class StorageSCP:
         )
         try:
             self.receiver.instance_stored(stored)
-        except Exception:
-            log.exception("refused: instance could not be recorded", sop_class=sop_class)
-            return OUT_OF_RESOURCES
-        return SUCCESS
+        except Exception as exc:
+            log.exception("instance could not be recorded")
+            return OUT_OF_RESOURCES, f"ledger write failed: {type(exc).__name__}"
+        return SUCCESS, ""

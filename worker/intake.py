@@ -39,6 +39,16 @@ class LedgerReceiver:
                 assoc.ended_at = utcnow()
                 assoc.end_reason = reason
 
+    def association_rejected(self, peer: Peer, reason: str) -> None:
+        with self.ledger.session() as s:
+            record(s, "association_rejected", calling_ae=peer.calling_ae, called_ae=peer.called_ae,
+                   peer_host=peer.host, reason=reason)
+
+    def instance_refused(self, key: object, sop_instance_uid: str, status: int, reason: str) -> None:
+        with self.ledger.session() as s:
+            record(s, "instance_refused", association_id=key, sop_instance_uid=sop_instance_uid[:64],
+                   status=f"0x{status:04X}", reason=reason)
+
     def instance_stored(self, stored: StoredInstance) -> None:
         for attempt in range(3):
             try:

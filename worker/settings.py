@@ -63,7 +63,18 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     delivery_max_attempts: int = 6
     delivery_backoff_seconds: float = 2.0
+    delivery_backoff_max_seconds: float = Field(300.0, gt=0)
+    delivery_horizon_seconds: float = Field(86400.0, gt=0)
     min_free_disk_mb: int = 500
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_associations: int = Field(10, ge=1)
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    dimse_timeout_seconds: float = Field(60.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_peer_cert: bool = True
     log_level: str = "INFO"
 
     @field_validator("destinations", mode="before")
@@ -73,6 +84,14 @@ class Settings(BaseSettings):
             return []
         items = value.split(",") if isinstance(value, str) else value
         return [i if isinstance(i, Destination) else Destination.parse(i) for i in items if i]
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _parse_allowed(cls, value: Any) -> list[str]:
+        if value is None or value == "":
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        return [i.strip() for i in items if i.strip()]
 
     @field_validator("ae_title")
     @classmethod
