@@ -2,6 +2,10 @@
 
 Steps: decode (pydicom + pylibjpeg: JPEG, JPEG-LS, JPEG 2000, RLE, deflate), Modality LUT,
 MONOCHROME1 inversion, then a robust window (0.5th-99.5th percentile) onto [0, 1].
+
+Input is the peer's and may be hostile: the declared matrix is bounded before any decoder
+allocates, and every failure (including RecursionError and MemoryError) becomes
+:class:`UndecodableImage` with a reason that names no attribute values.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 
 _SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
+#: Largest matrix decoded (rows x columns); the largest detectors are about 4,300 x 4,300.
+MAX_PIXELS = 10_000 * 10_000
 
 
 class UndecodableImage(ValueError):
@@ -19,18 +25,34 @@ class UndecodableImage(ValueError):
 
 def decode(ds: Dataset) -> np.ndarray:
     """Return the single-frame grayscale image of ``ds`` as float32 MONOCHROME2 in [0, 1]."""
+    try:
+        return _decode(ds)
+    except UndecodableImage:
+        raise
+    except Exception as exc:  # hostile attribute values raise anything, from ValueError to RecursionError
+        raise UndecodableImage(f"invalid image attributes: {type(exc).__name__}") from exc
+
+
+def _decode(ds: Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in _SUPPORTED_PHOTOMETRIC:
-        raise UndecodableImage(f"photometric interpretation {photometric or 'missing'} unsupported")
+        raise UndecodableImage(f"photometric interpretation {photometric[:16] or 'missing'} unsupported")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise UndecodableImage("more than one sample per pixel")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise UndecodableImage("multi-frame images are not supported")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 2 or columns < 2 or rows * columns > MAX_PIXELS:
+        raise UndecodableImage(f"matrix {rows} x {columns} outside 2 x 2 .. {MAX_PIXELS} pixels")
     try:
         raw = ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
-        raise UndecodableImage(f"pixel data could not be decoded: {exc}") from exc
+        raise UndecodableImage(f"pixel data could not be decoded: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if raw.shape != (rows, columns):
+        raise UndecodableImage(f"decoded shape {raw.shape} differs from the declared {rows} x {columns}")
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise UndecodableImage("modality LUT produced non-finite values")
     if photometric == "MONOCHROME1":
         values = -values
     lo, hi = np.percentile(values, (0.5, 99.5))

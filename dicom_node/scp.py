@@ -4,10 +4,18 @@ The C-STORE handler never decodes pixels. It reads the header, writes the encode
 the spool durably, tells the application through a :class:`Receiver`, and answers Success
 only when both returned. The application passes the Receiver in; this module knows no
 database and no queue.
+
+Before any of that an :class:`AssociationPolicy` decides who may associate (called AE, calling-AE
+allow-list bound to hosts, a limit on concurrent associations) and how long a peer may stay
+silent; with an ``ssl.SSLContext`` the listener speaks DICOM TLS only. Every refusal goes to the
+Receiver with a reason.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from io import BytesIO
@@ -49,6 +57,11 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     uid.JPEGBaseline8Bit,
 ]
 
+#: A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
+REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
 #: Header attributes the application gets with each instance (no PHI among them).
 _HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 
@@ -77,6 +90,42 @@ class StoredInstance:
     path: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """Who may associate, how many at once, and how long a peer may stay silent (seconds).
+
+    ``allowed_calling_aes`` holds ``"AET"`` (from any host) or ``"AET@host"`` (from that address
+    only; a host name is resolved when the listener starts); empty means any calling AE.
+    ``acse_timeout`` also bounds the time from TCP accept to a complete A-ASSOCIATE-RQ, TLS
+    handshake included.
+    """
+
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+    def allowed(self) -> dict[str, set[str] | None]:
+        """Calling AE -> addresses it may come from (None: any host)."""
+        rules: dict[str, set[str] | None] = {}
+        for entry in self.allowed_calling_aes:
+            aet, _, host = entry.partition("@")
+            aet = aet.strip()
+            if not host.strip():
+                rules[aet] = None
+            elif rules.get(aet, set()) is not None:
+                rules[aet] = (rules.get(aet) or set()) | _addresses(host.strip())
+        return rules
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
 
 
 class Receiver(Protocol):
@@ -108,17 +157,24 @@ class StorageSCP:
         port: int,
         spool: Spool,
         receiver: Receiver,
-        max_associations: int = 10,
+        policy: AssociationPolicy | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = (host, port)
         self.spool = spool
         self.receiver = receiver
+        self.policy = policy or AssociationPolicy()
+        self.tls = tls
+        self._allowed = self.policy.allowed()
         self._keys: dict[int, object] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _Server | None = None
         self.ae = AE(ae_title=ae_title)
-        self.ae.require_called_aet = True
-        self.ae.maximum_associations = max_associations
+        self.ae.require_called_aet = True  # pynetdicom's own checks stay as a backstop behind _on_requested
+        self.ae.maximum_associations = self.policy.max_associations
+        self.ae.acse_timeout = self.policy.acse_timeout
+        self.ae.dimse_timeout = self.policy.dimse_timeout
+        self.ae.network_timeout = self.policy.network_timeout
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
@@ -127,17 +183,73 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, lambda event: self._on_closed(event, "released")),
-            (evt.EVT_ABORTED, lambda event: self._on_closed(event, "aborted")),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
-        self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
-        log.info("listening", ae_title=self.ae.ae_title, address=f"{self.address[0]}:{self.address[1]}")
+        server = self.ae.make_server(self.address, evt_handlers=handlers, server_class=_Server)
+        server.scp = self
+        self.ae._servers.append(server)  # as AE.start_server does, so that server.shutdown() can unregister it
+        threading.Thread(target=server.serve_forever, name=f"listener:{self.address[1]}", daemon=True).start()
+        self._server = server
+        log.info("listening", ae_title=self.ae.ae_title, address=f"{self.address[0]}:{self.address[1]}",
+                 tls=self.tls is not None)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def _reject(self, peer: Peer, reason: str) -> None:
+        log.warning("association rejected", calling_ae=peer.calling_ae, called_ae=peer.called_ae,
+                    peer_host=peer.host, reason=reason)
+        try:
+            self.receiver.association_rejected(peer, reason)
+        except Exception:
+            log.exception("rejection could not be recorded")
+
+    def _refusal(self, peer: Peer) -> tuple[tuple[int, int, int], str] | None:
+        """Why this association request must be rejected, or None to let it through."""
+        if peer.called_ae != self.ae.ae_title.strip():
+            return REJECT_CALLED_AE, f"called AE title {peer.called_ae!r} is not {self.ae.ae_title!r}"
+        if self._allowed:
+            if peer.calling_ae not in self._allowed:
+                return REJECT_CALLING_AE, f"calling AE title {peer.calling_ae!r} is not in the allow-list"
+            hosts = self._allowed[peer.calling_ae]
+            if hosts is not None and peer.host not in hosts:
+                return REJECT_CALLING_AE, f"calling AE title {peer.calling_ae!r} is not allowed from {peer.host}"
+        active = sum(1 for a in self.ae.active_associations if a.is_acceptor)  # this one included
+        if active > self.policy.max_associations:
+            return REJECT_LIMIT, f"association limit reached ({active - 1} of {self.policy.max_associations} open)"
+        return None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        if self._server is not None:
+            self._server.disarm((assoc.requestor.address, assoc.requestor.port))
+        request = assoc.requestor.primitive
+        peer = Peer(
+            calling_ae=str(request.calling_ae_title).strip(),
+            called_ae=str(request.called_ae_title).strip(),
+            host=assoc.requestor.address,
+            port=assoc.requestor.port,
+        )
+        refusal = self._refusal(peer)
+        if refusal is not None:
+            (result, source, diagnostic), reason = refusal
+            assoc.acse.send_reject(result, source, diagnostic)
+            self._reject(peer, reason)
+            assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is out
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        idle = event.assoc.dul.idle_timer_expired()
+        self._on_closed(event, "aborted: network timeout" if idle else "aborted")
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        if self._server is not None:
+            self._server.disarm(tuple(event.address)[:2])
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -213,3 +325,71 @@ class StorageSCP:
             log.exception("instance could not be recorded")
             return OUT_OF_RESOURCES, f"ledger write failed: {type(exc).__name__}"
         return SUCCESS, ""
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, but the TLS handshake runs in the connection's own thread (never in the
+    accept loop) and a watchdog closes any connection that has not sent a complete A-ASSOCIATE-RQ
+    within the ACSE timeout of being accepted (a silent or trickling peer)."""
+
+    scp: StorageSCP
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._watchdogs: dict[tuple, tuple[threading.Timer, socket.socket]] = {}
+        self._watch_lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        return self.socket.accept()  # type: ignore[union-attr]
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        key = tuple(client_address)[:2]
+        self._arm(request, key)
+        tls = self.scp.tls
+        if tls is not None:
+            try:
+                request = tls.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as exc:
+                expired = not self.disarm(key)
+                request.close()
+                reason = (f"not completed within the ACSE timeout ({self.scp.policy.acse_timeout:g} s)" if expired
+                          else getattr(exc, "reason", None) or type(exc).__name__)
+                self.scp._reject(Peer("", "", *key), f"TLS handshake failed: {reason}"[:300])
+                return
+        super().process_request_thread(request, client_address)
+
+    def _arm(self, request: socket.socket, key: tuple) -> None:
+        guard = request.dup()  # survives the TLS wrap, which detaches ``request``
+        timer = threading.Timer(self.scp.policy.acse_timeout, self._expire, (key,))
+        timer.daemon = True
+        with self._watch_lock:
+            self._watchdogs[key] = (timer, guard)
+        timer.start()
+
+    def _expire(self, key: tuple) -> None:
+        with self._watch_lock:
+            entry = self._watchdogs.pop(key, None)
+        if entry is not None:
+            log.warning("no association request within the ACSE timeout; closing", peer_host=key[0],
+                        timeout=self.scp.policy.acse_timeout)
+            _close(entry[1], shutdown=True)
+
+    def disarm(self, key: tuple) -> bool:
+        """The peer's request arrived (or the connection ended): stop the watchdog; False if it had fired."""
+        with self._watch_lock:
+            entry = self._watchdogs.pop(key, None)
+        if entry is None:
+            return False
+        entry[0].cancel()
+        _close(entry[1], shutdown=False)
+        return True
+
+
+def _close(sock: socket.socket, shutdown: bool) -> None:
+    if shutdown:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    sock.close()
+

@@ -1,7 +1,8 @@
-"""C-STORE SCU: send files or datasets to a peer over one association."""
+"""C-STORE SCU: send files or datasets to a peer over one association, optionally over DICOM TLS."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,13 @@ def send_datasets(
     called_ae: str,
     calling_ae: str = "PLEURA",
     timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
-    """C-STORE each (name, dataset) in one association; raise if none could be opened."""
+    """C-STORE each (name, dataset) in one association; raise if none could be opened.
+
+    With ``tls`` (see :func:`dicom_node.tls.client_context`) the association runs over TLS and
+    the peer's certificate must match ``host``.
+    """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts: set[tuple[str, str]] = set()
@@ -73,9 +79,11 @@ def send_datasets(
     requested = _contexts(contexts)
     if len(requested) > _MAX_CONTEXTS:
         raise ValueError(f"{len(requested)} presentation contexts needed; send fewer SOP classes at once")
-    assoc = ae.associate(host, port, contexts=requested, ae_title=called_ae)
+    assoc = ae.associate(host, port, contexts=requested, ae_title=called_ae,
+                         tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
-        raise AssociationRejected(f"association with {called_ae}@{host}:{port} failed")
+        via = " over TLS" if tls is not None else ""
+        raise AssociationRejected(f"association with {called_ae}@{host}:{port}{via} failed")
     results: list[SendResult] = []
     try:
         for name, ds in items:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-from pydicom.uid import UID
 
 
 class SpoolFull(OSError):
@@ -30,10 +29,18 @@ class SpoolWrite:
     size: int
 
 
+#: PS3.5 9.1: ASCII digit components without leading zeros, joined by dots. Matched against the
+#: whole raw value: no stripping of padding, newlines or NULs (pydicom's UID strips them).
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
 def check_uid(value: str) -> str:
-    """Return ``value`` if it is a valid DICOM UID (digits and dots, <= 64 chars)."""
-    if not value or not UID(value).is_valid:
-        raise InvalidUID(f"not a valid DICOM UID: {value[:80]!r}")
+    """Return ``value`` if it is a valid DICOM UID (digits and dots, <= 64 chars).
+
+    The message never repeats the value: it is the peer's string and may hold anything.
+    """
+    if len(value) > 64 or not _UID.fullmatch(value):
+        raise InvalidUID(f"not a valid DICOM UID ({len(value)} characters)")
     return value
 
 
@@ -65,12 +72,19 @@ class Spool:
     file ``<sop uid>.<sha8>.dcm`` beside the first (nothing accepted is ever overwritten).
     Whether the instance changed is the application's call: it compares the digest with the
     version it records as current.
+
+    A temporary file ``.<name>.<pid>.tmp`` is a write that a crash cut short: it was never
+    renamed, so never acknowledged nor recorded. One listener owns a spool, so the files left
+    when it starts are all stale; they are removed then (``removed_temp_files``).
     """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
+        self.removed_temp_files = sorted(root.glob("*/.*.tmp"))
+        for stale in self.removed_temp_files:
+            stale.unlink(missing_ok=True)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -35,13 +35,22 @@ def _require_schema(rt) -> None:  # type: ignore[no-untyped-def]
 
 
 def _start_listener(rt):  # type: ignore[no-untyped-def]
-    from dicom_node.scp import StorageSCP
+    from dicom_node.scp import AssociationPolicy, StorageSCP
     from dicom_node.spool import Spool
+    from dicom_node.tls import server_context
     from worker.intake import LedgerReceiver
 
     s = rt.settings
+    policy = AssociationPolicy(tuple(s.allowed_calling_aes), s.max_associations, s.acse_timeout_seconds,
+                               s.dimse_timeout_seconds, s.network_timeout_seconds)
+    tls = None
+    if s.tls_cert_file is not None or s.tls_key_file is not None:
+        if s.tls_cert_file is None or s.tls_key_file is None:
+            raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
+        tls = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_require_peer_cert)
     scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port,
-                     Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024), LedgerReceiver(rt.ledger))
+                     Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024), LedgerReceiver(rt.ledger),
+                     policy=policy, tls=tls)
     scp.start()
     return scp
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.uid import UID
 
 _SECONDARY_CAPTURE = {
@@ -28,6 +29,9 @@ def age_in_years(patient_age: str) -> float | None:
     return int(match[1]) * _AGE_UNIT_YEARS[match[2]] if match else None
 
 
+#: Deepest sequence nesting accepted; images nest a few levels, a hostile header thousands.
+MAX_SEQUENCE_DEPTH = 32
+
 #: Manufacturer that Pleura writes into its own SR and SC objects.
 OWN_MANUFACTURER = "Pleura"
 
@@ -38,6 +42,8 @@ def check(ds: Dataset, intended_use: dict) -> str | None:
         return "produced by Pleura"
     if "Rows" not in ds or "Columns" not in ds:
         return f"not an image (SOP class {UID(str(ds.get('SOPClassUID', ''))).name})"
+    if _nesting_depth(ds) > MAX_SEQUENCE_DEPTH:
+        return f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels"
     modality = str(ds.get("Modality", "")).upper()
     modalities = {m.upper() for m in intended_use.get("modalities", ["CR", "DX"])}
     is_sc = str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE
@@ -61,6 +67,21 @@ def check(ds: Dataset, intended_use: dict) -> str | None:
     if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
         return f"photometric interpretation {photometric or 'missing'} unsupported"
     return None
+
+
+def _nesting_depth(ds: Dataset) -> int:
+    """Deepest sequence nesting, found without recursion (only sequences are parsed)."""
+    deepest, stack = 0, [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SEQUENCE_DEPTH:
+            break
+        for raw in current.elements():
+            vr = raw.VR or (dictionary_VR(raw.tag) if dictionary_has_tag(raw.tag) else None)
+            if vr == "SQ":
+                stack.extend((item, depth + 1) for item in current[raw.tag].value)
+    return deepest
 
 
 def _looks_like_chest(ds: Dataset) -> bool:

@@ -16,26 +16,28 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
 
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives results: ``AET@host:port``."""
+    """A DICOM peer that receives results: ``AET@host:port``, or ``AET@host:port+tls`` for DICOM TLS
+    (the peer's certificate must come from ``tls_ca_file`` and name ``host``)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
         match = _DESTINATION.match(text.strip())
         if not match:
-            raise ValueError(f"destination {text!r} is not of the form AET@host:port")
-        return cls(match["aet"].strip(), match["host"], int(match["port"]))
+            raise ValueError(f"destination {text!r} is not of the form AET@host:port or AET@host:port+tls")
+        return cls(match["aet"].strip(), match["host"], int(match["port"]), match["tls"] is not None)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 class Settings(BaseSettings):
