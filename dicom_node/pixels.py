@@ -4,8 +4,9 @@ Steps: decode (pydicom + pylibjpeg: JPEG, JPEG-LS, JPEG 2000, RLE, deflate), Mod
 MONOCHROME1 inversion, then a robust window (0.5th-99.5th percentile) onto [0, 1].
 
 Input is the peer's and may be hostile: the declared matrix is bounded before any decoder
-allocates, and every failure (including RecursionError and MemoryError) becomes
-:class:`UndecodableImage` with a reason that names no attribute values.
+allocates, and every failure (including RecursionError) becomes :class:`UndecodableImage`
+with a reason that names no attribute values. MemoryError is not the image's fault within
+that bound: it propagates, so the job is retried and quarantined after its attempts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def decode(ds: Dataset) -> np.ndarray:
     """Return the single-frame grayscale image of ``ds`` as float32 MONOCHROME2 in [0, 1]."""
     try:
         return _decode(ds)
-    except UndecodableImage:
+    except (UndecodableImage, MemoryError):
         raise
     except Exception as exc:  # hostile attribute values raise anything, from ValueError to RecursionError
         raise UndecodableImage(f"invalid image attributes: {type(exc).__name__}") from exc

@@ -27,7 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.spool import Spool, SpoolFull
+from dicom_node.spool import InvalidUID, Spool, SpoolFull
 
 log = structlog.get_logger(__name__)
 
@@ -299,14 +299,17 @@ class StorageSCP:
             study_uid = str(header.get("StudyInstanceUID", ""))
             series_uid = str(header.get("SeriesInstanceUID", ""))
             if str(header.get("SOPInstanceUID", "")) != sop_uid:
-                raise ValueError("SOP Instance UID in the data set differs from the C-STORE request's")
+                raise _Refused("SOP Instance UID in the data set differs from the C-STORE request's")
             written = self.spool.store(study_uid, sop_uid, data)
         except SpoolFull as exc:
             return OUT_OF_RESOURCES, f"spool full: {exc}"
         except OSError as exc:
-            return OUT_OF_RESOURCES, f"spool write failed: {type(exc).__name__}: {exc}"[:300]
+            return OUT_OF_RESOURCES, f"spool write failed: {type(exc).__name__} (errno {exc.errno})"
+        except (_Refused, InvalidUID) as exc:  # our own messages, which quote no peer values
+            return CANNOT_UNDERSTAND, f"cannot understand: {exc}"
         except Exception as exc:  # anything unparseable is the peer's data set, never a crash here
-            return CANNOT_UNDERSTAND, f"cannot understand: {type(exc).__name__}: {exc}"[:300]
+            # only the type: a parser's message may quote the peer's values, patient names included
+            return CANNOT_UNDERSTAND, f"cannot understand: unparseable data set ({type(exc).__name__})"
         stored = StoredInstance(
             association=key,
             sop_class_uid=sop_class,
@@ -325,6 +328,10 @@ class StorageSCP:
             log.exception("instance could not be recorded")
             return OUT_OF_RESOURCES, f"ledger write failed: {type(exc).__name__}"
         return SUCCESS, ""
+
+
+class _Refused(ValueError):
+    """A data set refused for a reason stated by this module."""
 
 
 class _Server(ThreadedAssociationServer):

@@ -22,6 +22,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a worker waits out a broker restart, however long
+    # the sweeper must not hang on a broker that is down: fail fast, the ledger re-publishes later
+    task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     broker_transport_options={"polling_interval": 0.2},
 )
 

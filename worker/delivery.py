@@ -1,20 +1,29 @@
-"""Deliver role: C-STORE one output object to one destination, with backoff between tries."""
+"""Deliver role: C-STORE one output object to one destination, with backoff between tries.
+
+Retries double their delay up to a cap and go on until the delivery horizon (counted from
+when the result was produced); a delivery still not accepted then ends FAILED. There is no
+separate count of tries: with a capped backoff a count only restates the horizon less clearly.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import structlog
 from sqlalchemy import and_, or_, update
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.scu import send_files
+from dicom_node.tls import client_context
 from worker.ledger import Delivery
-from worker.ledger.db import utcnow
+from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState
 from worker.runtime import Runtime
-from worker.settings import Destination
+from worker.settings import Destination, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -49,14 +58,36 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
     status: int | None = None
     permanent = False
     try:
+        tls = (client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+               if target.tls else None)
         result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
-                            calling_ae=settings.ae_title)[0]
+                            calling_ae=settings.ae_title, tls=tls)[0]
         status, error, ok, permanent = result.status, result.error, result.ok, result.permanent
         if not ok and error is None:
             error = f"peer answered status 0x{status:04X}" if status is not None else "no status"
     except Exception as exc:  # network, association and file errors all mean "try again"
         error, ok = f"{type(exc).__name__}: {exc}", False
+    # the peer has the object now: losing this write (a database restart) would send it twice
+    _retrying(lambda: _record_outcome(rt, delivery_id, status, error, ok, permanent),
+              rt.settings.lease_seconds / 2)  # well inside the delivery's lease
 
+
+def _retrying(write: Callable[[], None], seconds: float) -> None:
+    """Run a ledger write, retrying while the database is unreachable for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return write()
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("ledger unreachable; retrying the delivery outcome")
+            time.sleep(0.5)
+
+
+def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: str | None, ok: bool,
+                    permanent: bool) -> None:
+    settings = rt.settings
     with rt.ledger.session() as s:
         delivery = s.get(Delivery, delivery_id)
         assert delivery is not None
@@ -68,16 +99,24 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
                    destination=delivery.destination, peer_status=status)
             return
         delivery.last_error = error
-        if permanent or delivery.attempts >= settings.delivery_max_attempts:
+        deadline = as_utc(delivery.output.created_at) + timedelta(seconds=settings.delivery_horizon_seconds)
+        now = utcnow()
+        if permanent or now >= deadline:
             delivery.state = DeliveryState.FAILED
             record(s, "delivery_failed", study_id=study_id, delivery_id=delivery_id,
-                   destination=delivery.destination, attempts=delivery.attempts, error=error)
+                   destination=delivery.destination, attempts=delivery.attempts, error=error,
+                   reason="peer refused permanently" if permanent else "delivery horizon passed")
             log.error("delivery failed for good", delivery_id=delivery_id, error=error)
             return
-        backoff = settings.delivery_backoff_seconds * 2 ** (delivery.attempts - 1)
+        backoff = backoff_seconds(settings, delivery.attempts)
         delivery.state, delivery.published_at = DeliveryState.PENDING, None
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff)
+        delivery.next_attempt_at = min(now + timedelta(seconds=backoff), deadline)  # a last try at the horizon
         record(s, "delivery_retry", study_id=study_id, delivery_id=delivery_id,
                destination=delivery.destination, attempts=delivery.attempts, error=error,
                retry_in_seconds=backoff)
         log.warning("delivery will be retried", delivery_id=delivery_id, retry_in_s=backoff, error=error)
+
+
+def backoff_seconds(settings: Settings, attempts: int) -> float:
+    """Delay after the ``attempts``-th failed try: doubling from the first delay, capped."""
+    return min(settings.delivery_backoff_seconds * 2 ** min(attempts - 1, 60), settings.delivery_backoff_max_seconds)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+import structlog
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.ledger import Attempt, Job, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import JobState, StudyState
+
+log = structlog.get_logger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -22,19 +28,21 @@ class LeaseLost(RuntimeError):
     """Another worker took the job over (our lease expired); our results are dropped."""
 
 
-def claim(ledger: Ledger, job_id: int, lease_seconds: float) -> int | None:
-    """Take the job if it is queued or its lease expired; return the attempt id, else None."""
+def claim(ledger: Ledger, job_id: int, lease_seconds: float, max_attempts: int = 3) -> int | None:
+    """Take the job if it is queued or its lease expired; return the attempt id, else None.
+
+    A job whose lease expired after ``max_attempts`` attempts is quarantined here instead: its
+    worker died every time (a crash or an out-of-memory kill never reaches :func:`fail`).
+    """
     now = utcnow()
+    claimable = or_(
+        Job.state == JobState.QUEUED,
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
     with ledger.session() as s:
         won = s.execute(
             update(Job)
-            .where(
-                Job.id == job_id,
-                or_(
-                    Job.state == JobState.QUEUED,
-                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-                ),
-            )
+            .where(Job.id == job_id, claimable, Job.attempts < max_attempts)
             .values(
                 state=JobState.RUNNING,
                 lease_owner=WORKER_ID,
@@ -43,6 +51,7 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float) -> int | None:
             )
         ).rowcount
         if not won:
+            _quarantine_exhausted(s, job_id, claimable, max_attempts)
             return None
         job = s.get(Job, job_id)
         assert job is not None
@@ -59,6 +68,78 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float) -> int | None:
         s.flush()
         record(s, "job_started", study_id=study.id, job_id=job.id, attempt=job.attempts, worker=WORKER_ID)
         return attempt.id
+
+
+def _quarantine_exhausted(s: Session, job_id: int, claimable: ColumnElement[bool], max_attempts: int) -> None:
+    """FAIL a claimable job that has used up its attempts, with the reason, in the claim's transaction."""
+    now = utcnow()
+    if not s.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempts >= max_attempts)
+        .values(state=JobState.FAILED, finished_at=now, lease_owner=None)
+    ).rowcount:
+        return
+    job = s.get(Job, job_id)
+    assert job is not None
+    died = s.scalar(select(func.count()).select_from(Attempt)
+                    .where(Attempt.job_id == job_id, Attempt.finished_at.is_(None))) or 0
+    reason = f"worker died {died} times (lease expired)"
+    if died < job.attempts and job.error:
+        reason += f"; last error: {job.error[:300]}"
+    job.error = reason
+    _fail_study(s, job, reason)
+
+
+def _fail_study(s: Session, job: Job, reason: str) -> None:
+    study = s.get(Study, job.study_id)
+    assert study is not None
+    if study.revision == job.revision:
+        study.state, study.note = StudyState.FAILED, f"processing failed: {reason[:500]}"
+    record(s, "job_failed", study_id=study.id, job_id=job.id, attempts=job.attempts, error=reason[:500])
+
+
+def previous_attempt_died(ledger: Ledger, job_id: int) -> bool:
+    """True when the job's latest attempt never finished: its worker may have been killed by it."""
+    with ledger.session() as s:
+        latest = s.scalars(select(Attempt).where(Attempt.job_id == job_id)
+                           .order_by(Attempt.number.desc()).limit(1)).first()
+        return latest is not None and latest.finished_at is None
+
+
+class Isolation:
+    """A shared/exclusive lock between the jobs of one worker process (writers preferred).
+
+    A job whose previous attempt died runs alone: if it kills the process again, no other
+    study dies with it (and is charged an attempt it did not cause). Jobs take the lock
+    before they claim, so a job waiting here has not been charged an attempt either.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        with self._cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and self._waiting_exclusive == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
 
 
 def still_owned(s: Session, job: Job) -> bool:
@@ -83,16 +164,12 @@ def fail(ledger: Ledger, job_id: int, attempt_id: int, error: str, max_attempts:
         if job.lease_owner != WORKER_ID or job.state != JobState.RUNNING:
             return False
         job.error = error[:2000]
-        study = s.get(Study, job.study_id)
-        assert study is not None
         if job.attempts >= max_attempts:
             job.state, job.finished_at = JobState.FAILED, now
-            if study.revision == job.revision:
-                study.state, study.note = StudyState.FAILED, f"processing failed: {error[:500]}"
-            record(s, "job_failed", study_id=study.id, job_id=job.id, attempts=job.attempts, error=error[:500])
+            _fail_study(s, job, error)
             return False
         job.state, job.published_at, job.lease_owner = JobState.QUEUED, None, None
-        record(s, "job_retry", study_id=study.id, job_id=job.id, attempts=job.attempts, error=error[:500])
+        record(s, "job_retry", study_id=job.study_id, job_id=job.id, attempts=job.attempts, error=error[:500])
         return True
 
 
@@ -120,8 +197,11 @@ class LeaseKeeper(threading.Thread):
 
     def run(self) -> None:
         while not self._done.wait(self.lease_seconds / 3):
-            if not renew(self.ledger, self.job_id, self.lease_seconds):
-                return
+            try:
+                if not renew(self.ledger, self.job_id, self.lease_seconds):
+                    return
+            except SQLAlchemyError as exc:  # database restarting: try again; the lease may still hold
+                log.warning("lease renewal failed; retrying", job_id=self.job_id, error=type(exc).__name__)
 
     def __enter__(self) -> LeaseKeeper:
         self.start()

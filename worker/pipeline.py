@@ -16,6 +16,7 @@ import numpy as np
 import structlog
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.pixels import UndecodableImage, decode
@@ -27,7 +28,7 @@ from dicom_node.spool import atomic_write
 from engines import Engine
 from engines.batching import DynamicBatcher
 from worker import eligibility
-from worker.jobs import LeaseKeeper, LeaseLost, claim, fail, still_owned
+from worker.jobs import Isolation, LeaseKeeper, LeaseLost, claim, fail, previous_attempt_died, still_owned
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import utcnow
 from worker.ledger.events import record
@@ -41,6 +42,8 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 #: Name of the bundle finding used as the study-level triage summary, when the bundle has it.
 SUMMARY_FINDING = "Abnormal"
+#: One per process: jobs suspected of killing it run alone.
+ISOLATION = Isolation()
 
 
 @dataclass(frozen=True)
@@ -62,23 +65,34 @@ class _Output:
 
 
 def run_job(rt: Runtime, job_id: int) -> None:
-    """Claim, process and finish one job; failures are recorded and retried by the sweeper."""
-    attempt_id = claim(rt.ledger, job_id, rt.settings.lease_seconds)
-    if attempt_id is None:
-        log.info("job not claimed (done, superseded or leased elsewhere)", job_id=job_id)
-        return
-    try:
-        with LeaseKeeper(rt.ledger, job_id, rt.settings.lease_seconds):
-            deliveries = _process(rt, job_id, attempt_id)
-    except LeaseLost:
-        log.warning("lease lost; results dropped", job_id=job_id)
-        return
-    except Exception as exc:  # any failure is recorded against the attempt
-        log.exception("job failed", job_id=job_id)
-        fail(rt.ledger, job_id, attempt_id, f"{type(exc).__name__}: {exc}", rt.settings.max_attempts)
-        return
+    """Claim, process and finish one job; failures are recorded and retried by the sweeper.
+
+    A job whose previous attempt died with its worker runs alone in this process (see
+    :class:`worker.jobs.Isolation`), so a poison study cannot take other studies down with it.
+    """
+    with ISOLATION.hold(exclusive=previous_attempt_died(rt.ledger, job_id)):
+        deliveries = _claim_and_process(rt, job_id)
     for delivery_id in deliveries:
         rt.publish("pleura.deliver", delivery_id)
+
+
+def _claim_and_process(rt: Runtime, job_id: int) -> list[int]:
+    attempt_id = claim(rt.ledger, job_id, rt.settings.lease_seconds, rt.settings.max_attempts)
+    if attempt_id is None:
+        log.info("job not claimed (done, superseded, quarantined or leased elsewhere)", job_id=job_id)
+        return []
+    try:
+        with LeaseKeeper(rt.ledger, job_id, rt.settings.lease_seconds):
+            return _process(rt, job_id, attempt_id)
+    except LeaseLost:
+        log.warning("lease lost; results dropped", job_id=job_id)
+    except Exception as exc:  # any failure is recorded against the attempt
+        log.exception("job failed", job_id=job_id)
+        try:
+            fail(rt.ledger, job_id, attempt_id, f"{type(exc).__name__}: {exc}", rt.settings.max_attempts)
+        except SQLAlchemyError:  # the ledger is down too: the lease expires and the sweeper re-queues
+            log.exception("failure could not be recorded", job_id=job_id)
+    return []
 
 
 def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
@@ -141,22 +155,32 @@ _Eligible = tuple[_Source, Dataset, np.ndarray]
 
 
 def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], dict[int, str]]:
-    """Read, check and decode every instance; return the eligible ones and the reasons of the rest."""
+    """Read, check and decode every instance; return the eligible ones and the reasons of the rest.
+
+    A hostile or broken file costs only its own image: any failure becomes its reason (the
+    exception's type, never its message, which may quote attribute values).
+    """
     eligible: list[_Eligible] = []
     reasons: dict[int, str] = {}
     for source in sources:
         try:
             ds = dcmread(source.path)
+        except MemoryError:
+            raise
         except Exception as exc:  # unreadable file: reason in the ledger, study goes on
             reasons[source.instance_id] = f"unreadable: {type(exc).__name__}"
             continue
-        reason = eligibility.check(ds, intended_use)
-        if reason is None:
-            try:
+        try:
+            reason = eligibility.check(ds, intended_use)
+            if reason is None:
                 eligible.append((source, ds, decode(ds)))
                 continue
-            except UndecodableImage as exc:
-                reason = str(exc)
+        except UndecodableImage as exc:
+            reason = str(exc)
+        except MemoryError:  # the machine's state, not the image's: the job fails and is retried
+            raise
+        except Exception as exc:  # e.g. an attribute that cannot be parsed, nesting too deep
+            reason = f"invalid header: {type(exc).__name__}"
         reasons[source.instance_id] = reason
     return eligible, reasons
 

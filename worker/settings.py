@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = 2.0
     lease_seconds: float = 60.0
     max_attempts: int = 3
-    delivery_max_attempts: int = 6
     delivery_backoff_seconds: float = 2.0
     delivery_backoff_max_seconds: float = Field(300.0, gt=0)
     delivery_horizon_seconds: float = Field(86400.0, gt=0)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import Ledger, as_utc
+from worker.ledger.models import DeliveryState
 
 
 def recent_studies(ledger: Ledger, limit: int = 20) -> list[dict[str, Any]]:
@@ -44,6 +45,7 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
         "job": None,
         "positive_findings": [],
         "deliveries": {},
+        "failed_deliveries": [],
         "delivered_at": None,
         "seconds_to_result": None,
     }
@@ -60,6 +62,10 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
         select(Delivery).join(OutputObject).where(OutputObject.job_id == job.id)
     ).all()
     info["deliveries"] = dict(Counter(d.state for d in deliveries))
+    info["failed_deliveries"] = [
+        {"destination": d.destination, "object": d.output.kind, "attempts": d.attempts, "error": d.last_error}
+        for d in deliveries if d.state == DeliveryState.FAILED
+    ]
     delivered = [as_utc(d.delivered_at) for d in deliveries if d.delivered_at]
     if delivered and all(d.delivered_at for d in deliveries):
         info["delivered_at"] = max(delivered).isoformat()
@@ -86,6 +92,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"    error: {job['error']}")
         if r["note"]:
             lines.append(f"    note: {r['note']}")
+        for d in r["failed_deliveries"]:
+            lines.append(f"    delivery of {d['object']} to {d['destination']} FAILED after {d['attempts']} "
+                         f"attempts: {d['error']}")
         for sop, reason in r["ineligible"].items():
             lines.append(f"    skipped {sop}: {reason}")
     return "\n".join(lines)
