@@ -12,6 +12,9 @@ from worker.sweeper import DELIVER_TASK, PROCESS_TASK
 log = structlog.get_logger(__name__)
 
 QUEUE = "pleura"
+#: Deliveries have their own queue so that results never wait behind a backlog of inference.
+DELIVERY_QUEUE = "pleura-delivery"
+QUEUES = [QUEUE, DELIVERY_QUEUE]
 
 app = Celery("pleura")
 app.conf.update(
@@ -44,9 +47,11 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-def publish(task_name: str, row_id: int) -> None:
-    """Send one message; a failure is logged, the sweeper re-publishes from the ledger later."""
+def publish(task_name: str, row_id: int) -> bool:
+    """Send one message; False on failure (logged), and the sweeper re-publishes from the ledger."""
     try:
-        app.send_task(task_name, args=[row_id], queue=QUEUE)
+        app.send_task(task_name, args=[row_id], queue=DELIVERY_QUEUE if task_name == DELIVER_TASK else QUEUE)
+        return True
     except Exception as exc:
         log.warning("publish failed; the sweeper will retry", task=task_name, id=row_id, error=str(exc))
+        return False

@@ -48,8 +48,10 @@ def _start_listener(rt):  # type: ignore[no-untyped-def]
         if s.tls_cert_file is None or s.tls_key_file is None:
             raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
         tls = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_require_peer_cert)
-    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port,
-                     Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024), LedgerReceiver(rt.ledger),
+    spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024)
+    if spool.removed_temp_files:
+        log.warning("removed writes cut short by a crash (never acknowledged)", files=len(spool.removed_temp_files))
+    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, LedgerReceiver(rt.ledger),
                      policy=policy, tls=tls)
     scp.start()
     return scp
@@ -60,7 +62,7 @@ def _start_sweeper(rt):  # type: ignore[no-untyped-def]
 
     s = rt.settings
     sweeper = Sweeper(s.sweep_interval_seconds,
-                      lambda: sweep(rt.ledger, s.study_quiet_seconds, s.lease_seconds, rt.publish))
+                      lambda: sweep(rt.ledger, s.study_quiet_seconds, s.republish_seconds, rt.publish))
     sweeper.start()
     return sweeper
 
@@ -85,7 +87,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     rt.engine()
     work = WorkController(app=celery_app.app, pool_cls="threads", concurrency=settings.worker_concurrency,
                           without_heartbeat=True, without_mingle=True, without_gossip=True,
-                          queues=[celery_app.QUEUE], loglevel=settings.log_level)
+                          queues=celery_app.QUEUES, loglevel=settings.log_level)
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     scp = _start_listener(rt)
     sweeper = _start_sweeper(rt)
@@ -124,7 +126,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt.engine()
     celery_app.app.worker_main([
         "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-        f"--loglevel={settings.log_level}", "-Q", celery_app.QUEUE,
+        f"--loglevel={settings.log_level}", "-Q", ",".join(celery_app.QUEUES),
         "--without-gossip", "--without-mingle", f"--hostname=pleura@%h-{args.name}",
     ])
 

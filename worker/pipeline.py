@@ -34,6 +34,7 @@ from worker.ledger.db import utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.runtime import Runtime
+from worker.sweeper import DELIVER_TASK
 from worker.version import __version__
 
 log = structlog.get_logger(__name__)
@@ -73,7 +74,7 @@ def run_job(rt: Runtime, job_id: int) -> None:
     with ISOLATION.hold(exclusive=previous_attempt_died(rt.ledger, job_id)):
         deliveries = _claim_and_process(rt, job_id)
     for delivery_id in deliveries:
-        rt.publish("pleura.deliver", delivery_id)
+        rt.publish(DELIVER_TASK, delivery_id)
 
 
 def _claim_and_process(rt: Runtime, job_id: int) -> list[int]:

@@ -21,7 +21,7 @@ log = structlog.get_logger(__name__)
 class Runtime:
     settings: Settings
     ledger: Ledger
-    publish: Callable[[str, int], None]
+    publish: Callable[[str, int], bool]
     _engines: dict[str, Engine] = field(default_factory=dict)
     _batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

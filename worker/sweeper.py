@@ -23,8 +23,8 @@ from worker.ledger.models import DeliveryState, JobState, StudyState
 
 log = structlog.get_logger(__name__)
 
-#: publish(task_name, id) sends one Celery message.
-Publish = Callable[[str, int], None]
+#: publish(task_name, id) sends one Celery message; False when it could not be sent.
+Publish = Callable[[str, int], bool]
 
 PROCESS_TASK = "pleura.process_job"
 DELIVER_TASK = "pleura.deliver"
@@ -38,7 +38,12 @@ class SweepReport:
 
 
 def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish) -> SweepReport:
-    """Queue quiet studies, re-publish expired jobs and due deliveries; publish after commit."""
+    """Queue quiet studies, re-publish lost work and due deliveries; publish after commit.
+
+    A message is re-sent when its row was never published (or the publish failed), when the
+    lease of the worker that took it expired since, or, as a backstop against a broker that
+    lost it, when it has waited ``republish_seconds``: a long backlog is not multiplied.
+    """
     report = SweepReport()
     now = utcnow()
     with ledger.session() as s:
@@ -73,10 +78,11 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
         jobs = s.scalars(
             select(Job).where(
                 or_(
-                    Job.state == JobState.QUEUED,
-                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+                    and_(Job.state == JobState.QUEUED,
+                         or_(Job.published_at.is_(None), Job.published_at < stale)),
+                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now,
+                         or_(Job.published_at.is_(None), Job.published_at < Job.lease_expires_at)),
                 ),
-                or_(Job.published_at.is_(None), Job.published_at < stale),
             ).with_for_update(skip_locked=True)
         ).all()
         for job in jobs:
@@ -86,20 +92,24 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
         deliveries = s.scalars(
             select(Delivery).where(
                 or_(
-                    and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
-                    and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
+                    and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
+                         or_(Delivery.published_at.is_(None), Delivery.published_at < stale)),
+                    and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now,
+                         or_(Delivery.published_at.is_(None),
+                             Delivery.published_at < Delivery.lease_expires_at)),
                 ),
-                or_(Delivery.published_at.is_(None), Delivery.published_at < stale),
             ).with_for_update(skip_locked=True)
         ).all()
         for delivery in deliveries:
             delivery.published_at = now
             report.published_deliveries.append(delivery.id)
 
-    for job_id in report.queued + report.republished_jobs:
-        publish(PROCESS_TASK, job_id)
-    for delivery_id in report.published_deliveries:
-        publish(DELIVER_TASK, delivery_id)
+    unsent_jobs = [i for i in report.queued + report.republished_jobs if not publish(PROCESS_TASK, i)]
+    unsent_deliveries = [i for i in report.published_deliveries if not publish(DELIVER_TASK, i)]
+    if unsent_jobs or unsent_deliveries:  # the next sweep tries them again
+        with ledger.session() as s:
+            s.execute(update(Job).where(Job.id.in_(unsent_jobs)).values(published_at=None))
+            s.execute(update(Delivery).where(Delivery.id.in_(unsent_deliveries)).values(published_at=None))
     if report.queued or report.republished_jobs:
         log.info("sweep", queued=report.queued, republished=report.republished_jobs)
     return report

@@ -39,7 +39,7 @@ def test_a_job_whose_worker_dies_every_time_is_quarantined_at_claim(db_url: str)
         association=None, sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid="1.2.3.4",
         study_instance_uid="1.2.3", series_instance_uid="1.2.3.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
         modality="CR", path="/spool/1.2.3.4", size=10, sha256="a" * 64))
-    job_id = sweep(ledger, 0, 60, lambda task, row: None).queued[0]
+    job_id = sweep(ledger, 0, 60, lambda task, row: True).queued[0]
     assert not jobs.previous_attempt_died(ledger, job_id)
     for _ in range(MAX_ATTEMPTS):  # each attempt's worker dies: its lease just runs out
         assert jobs.claim(ledger, job_id, 0.05, MAX_ATTEMPTS) is not None

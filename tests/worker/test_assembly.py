@@ -33,8 +33,9 @@ def _receive(ledger: Ledger, sop: str, study: str = "1.2.3", sha: str = "a" * 64
 
 
 class Published(list):
-    def __call__(self, task: str, row_id: int) -> None:
+    def __call__(self, task: str, row_id: int) -> bool:
         self.append((task, row_id))
+        return True
 
 
 def test_quiet_period_then_exactly_one_job(ledger: Ledger) -> None:
@@ -89,3 +90,33 @@ def test_late_instance_reopens_and_supersedes_the_queued_job(ledger: Ledger) -> 
     with ledger.session() as s:
         assert s.get(Job, first).state == JobState.SUPERSEDED
         assert s.get(Job, second).revision == 2
+
+
+def test_failed_publish_is_retried_next_sweep_and_a_backlog_is_not_multiplied(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    attempts: list[int] = []
+
+    def broker_down(task: str, row_id: int) -> bool:
+        attempts.append(row_id)
+        return False
+
+    job_id = sweep(ledger, 0, 600, broker_down).queued[0]
+    with ledger.session() as s:
+        assert s.get(Job, job_id).published_at is None  # marked unsent
+    published = Published()
+    assert sweep(ledger, 0, 600, published).republished_jobs == [job_id]  # the broker is back
+    for _ in range(3):  # the message now waits in the broker: later sweeps do not add copies
+        assert sweep(ledger, 0, 600, published).republished_jobs == []
+    assert published == [(PROCESS_TASK, job_id)] and attempts == [job_id]
+
+
+def test_an_expired_lease_is_republished_once(ledger: Ledger) -> None:
+    _receive(ledger, "1.2.3.4")
+    job_id = sweep(ledger, 0, 600, Published()).queued[0]
+    assert jobs.claim(ledger, job_id, lease_seconds=0.2) is not None
+    published = Published()
+    assert sweep(ledger, 0, 600, published).republished_jobs == []  # the lease holds
+    time.sleep(0.3)
+    assert sweep(ledger, 0, 600, published).republished_jobs == [job_id]
+    assert sweep(ledger, 0, 600, published).republished_jobs == []
+    assert published == [(PROCESS_TASK, job_id)]
