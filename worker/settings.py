@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0)
     sweep_interval_seconds: float = 2.0
     lease_seconds: float = 60.0
-    republish_seconds: float = Field(600.0, gt=0)
+    republish_seconds: float = Field(120.0, gt=0)
     max_attempts: int = 3
     delivery_backoff_seconds: float = 2.0
     delivery_backoff_max_seconds: float = Field(300.0, gt=0)

@@ -168,6 +168,8 @@ def pleura_env(tmp_path: Path, db_url: str, broker_url: str, port: int, destinat
         "PLEURA_STUDY_QUIET_SECONDS": "2",
         "PLEURA_SWEEP_INTERVAL_SECONDS": "0.25",
         "PLEURA_LEASE_SECONDS": "5",
+        # Redis keeps a killed worker's reserved messages for an hour: the sweeper's backstop re-sends them
+        "PLEURA_REPUBLISH_SECONDS": "5",
         "PLEURA_WORKER_CONCURRENCY": "4",
         "PLEURA_MIN_FREE_DISK_MB": "20",  # CI disks can be nearly full; the watermark has its own test
     }

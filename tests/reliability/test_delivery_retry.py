@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.e2e.harness import Proc, pleura, pleura_run, wait_port
 from tests.figures import save
+from tests.reliability.ingest import Ledger as SQL
 from tests.reliability.services import PrivateRedis, pleura_env, received_by_study, synth_studies
 from tests.support import free_port, require_tool, wait_for
 
@@ -52,12 +52,9 @@ def test_deliveries_back_off_then_succeed_or_fail_at_the_horizon(
     cleanup(listen.stop)
     work = pleura("worker", env, tmp_path / "worker.log")
     cleanup(work.stop)
-    engine = create_engine(pg_url)
-    cleanup(engine.dispose)
-
-    def rows(sql: str, **params: object) -> list:  # type: ignore[type-arg]
-        with engine.connect() as conn:
-            return list(conn.execute(text(sql), params).mappings())
+    ledger_sql = SQL(pg_url)
+    cleanup(ledger_sql.close)
+    rows = ledger_sql.rows
 
     def deliveries(destination: str) -> list:  # type: ignore[type-arg]
         return rows("SELECT d.*, o.created_at AS produced_at FROM deliveries d JOIN output_objects o "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,14 +45,6 @@ KILL_AFTER_ACKS = 10
 QUIET = 20  # longer than a listener restart, so the resend joins the same study revision
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker() -> Iterator[PrivateRabbitMQ]:
-    """A RabbitMQ node of this test's own (see ``production_env``)."""
-    node = PrivateRabbitMQ()
-    yield node
-    node.close()
 
 
 def test_listener_killed_mid_association(pg_url: str, broker: PrivateRabbitMQ, nih: Path, tmp_path: Path) -> None:

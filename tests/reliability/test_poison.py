@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from dicom_node.scp import StoredInstance
 from tests.e2e.harness import Proc, pleura, pleura_run, storescp, wait_port
 from tests.figures import save
+from tests.reliability.ingest import Ledger as SQL
 from tests.reliability.services import PrivateRedis, pleura_env, received_by_study, synth_studies
 from tests.support import ROOT, free_port, wait_for
 from worker import jobs
@@ -128,12 +129,9 @@ def test_poison_studies_are_quarantined_while_others_flow(
                                        "PLEURA_TEST_OOM_SOPS": str(uid[oom].SOPInstanceUID)})
     supervisor.start()
     cleanup(supervisor.stop)
-    engine = create_engine(pg_url)
-    cleanup(engine.dispose)
-
-    def rows(sql: str, **params: object) -> list:  # type: ignore[type-arg]
-        with engine.connect() as conn:
-            return list(conn.execute(text(sql), params).mappings())
+    ledger_sql = SQL(pg_url)
+    cleanup(ledger_sql.close)
+    rows = ledger_sql.rows
 
     def study(path: Path) -> dict:  # type: ignore[type-arg]
         found = rows("SELECT s.id, s.state, s.note, j.state AS job_state, j.attempts, j.error FROM studies s "

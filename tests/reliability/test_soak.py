@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ QUIET = 2
 LEASE = 10
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def broker() -> Iterator[PrivateRabbitMQ]:
-    """A RabbitMQ node of this test's own (see ``production_env``)."""
-    node = PrivateRabbitMQ()
-    yield node
-    node.close()
 
 
 def test_soak_with_a_worker_killed(pg_url: str, broker: PrivateRabbitMQ, nih: Path, tmp_path: Path) -> None:
