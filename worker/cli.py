@@ -1,4 +1,4 @@
-"""The ``pleura`` command line: serve, listen, worker, db, send, status, models, synth."""
+"""The ``pleura`` command line: serve, listen, worker, db, send, status, search, models, synth."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from worker import heads_cli
 from worker.settings import Settings, load_settings
 
 log = structlog.get_logger("pleura")
@@ -164,6 +165,40 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
 
 
+def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
+    """Nearest studies to a study or image (``--like``), or to a text (bundles with a text side)."""
+    from engines import BundleError
+    from worker.embeddings import EmbeddingArchive, SearchError, text_vector
+    from worker.ledger.db import Ledger, schema_is_current
+    from worker.models import bundle
+
+    ledger = Ledger(settings.effective_database_url)
+    if not schema_is_current(ledger.engine):
+        sys.exit("error: the database schema is not current; run `pleura db upgrade` first")
+    archive = EmbeddingArchive(ledger)
+    try:
+        if args.like:
+            result = archive.like(args.like, args.limit, args.offset, args.bundle)
+        else:
+            b = bundle(settings, args.bundle or settings.model)
+            result = archive.nearest(text_vector(b, args.text), b.name, b.version, args.limit, args.offset)
+    except (SearchError, BundleError) as exc:
+        sys.exit(f"error: {exc}")
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print(f"backend {archive.describe()}")
+    print(f"query {result.query} ({result.query_images} image(s)), bundle {result.bundle_name} "
+          f"{result.bundle_version}, results {result.offset + 1}-{result.offset + len(result.hits)}")
+    print(f"{'rank':>4}  {'score':>6}  {'study instance uid':<64}  sop instance uid")
+    for hit in result.hits:
+        print(f"{hit.rank:>4}  {hit.score:>6.3f}  {hit.study_instance_uid:<64}  {hit.sop_instance_uid}")
+    if not result.hits:
+        print("(no studies)")
+
+
 def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
     from dicom_node.synthetic import TRANSFER_SYNTAXES, write_dataset_folder
 
@@ -241,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("search", help="nearest studies by embedding: --like UID or --text")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--like", metavar="UID", help="a Study or SOP Instance UID already processed")
+    query.add_argument("--text", help="a description (bundles with a text encoder only)")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--bundle", help="bundle name (default: the query's latest; for --text the configured model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
     p = sub.add_parser("models", help="model bundles: list, verify (parity gate), build, import")
     models = p.add_subparsers(dest="action", required=True)
     m = models.add_parser("list", help="built-in and installed bundles")
@@ -268,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-syntax", default="explicit", choices=["explicit", "j2k", "rle", "jpegls"])
     p.add_argument("--same-study", action="store_true", help="all images in one study of one patient")
     p.set_defaults(func=cmd_synth)
+    heads_cli.register(sub)
     return parser
 
 

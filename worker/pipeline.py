@@ -28,6 +28,7 @@ from dicom_node.spool import atomic_write
 from engines import Engine
 from engines.batching import DynamicBatcher
 from worker import eligibility
+from worker.embeddings import EmbeddingArchive
 from worker.jobs import Isolation, LeaseKeeper, LeaseLost, claim, fail, previous_attempt_died, still_owned
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import utcnow
@@ -117,7 +118,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         previous_sr_path = previous_sr.path if previous_sr else None
 
     eligible, reasons = _gate(sources, engine.bundle.intended_use)
-    results = _infer(rt.batcher(), engine, eligible)
+    results, embeddings = _infer(rt.batcher(), engine, eligible)
     outputs = _build_outputs(rt, engine, study_uid, revision, results, eligible, previous_sr_path)
 
     now = utcnow()
@@ -134,6 +135,10 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             for f in result.findings:
                 s.add(Finding(job_id=job_id, instance_id=source.instance_id, finding=f.name,
                               probability=f.probability, threshold=f.threshold, positive=f.positive))
+        EmbeddingArchive(rt.ledger).store(
+            s, job_id=job_id, study_id=job.study_id, bundle_name=engine.bundle.name,
+            bundle_version=engine.bundle.version, now=now,
+            vectors=[(source.instance_id, vector) for (source, _, _), vector in zip(eligible, embeddings, strict=True)])
         delivery_ids = _record_outputs(s, rt, job_id, outputs, now)
         job.state, job.finished_at, job.error = JobState.SUCCEEDED, now, None
         job.bundle_name, job.bundle_version = engine.bundle.name, engine.bundle.version
@@ -186,10 +191,14 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], 
     return eligible, reasons
 
 
-def _infer(batcher: DynamicBatcher, engine: Engine, eligible: list[_Eligible]) -> list[ImageResult]:
-    """All of a study's images in one request to the batcher, which merges concurrent studies."""
+def _infer(
+    batcher: DynamicBatcher, engine: Engine, eligible: list[_Eligible]
+) -> tuple[list[ImageResult], list[np.ndarray]]:
+    """All of a study's images in one request to the batcher, which merges concurrent studies;
+    the image results and each image's embedding."""
     specs = {f.name: f for f in engine.bundle.findings}
     results: list[ImageResult] = []
+    embeddings: list[np.ndarray] = []
     if eligible:
         out = batcher.infer([pixels for _, _, pixels in eligible])
         for row, (_source, ds, pixels) in enumerate(eligible):
@@ -204,7 +213,8 @@ def _infer(batcher: DynamicBatcher, engine: Engine, eligible: list[_Eligible]) -
                 for col, name in enumerate(out.findings)
             )
             results.append(ImageResult(source=ds, pixels=pixels, findings=findings))
-    return results
+            embeddings.append(out.embeddings[row])
+    return results, embeddings
 
 
 def _build_outputs(

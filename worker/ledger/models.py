@@ -13,7 +13,9 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -217,3 +219,27 @@ class Event(Base):
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Embedding(Base):
+    """One image's embedding from one bundle version: unit-length float32 bytes (cosine = dot).
+
+    A re-run of the instance with the same bundle version replaces the row. On PostgreSQL with
+    pgvector, migration 0002 adds a ``pgvec`` column (not mapped here) that the archive fills.
+    """
+
+    __tablename__ = "embeddings"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "bundle_name", "bundle_version"),
+        Index("ix_embeddings_bundle", "bundle_name", "bundle_version", "dim"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
