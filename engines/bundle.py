@@ -13,17 +13,22 @@ Manifest (``schema_version`` 1; ``engines/bundles/demo/manifest.json`` is a full
 - ``outputs``: ``embedding_dim``, ``map`` (``size`` [h, w], ``feature_stride``);
 - ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``;
 - ``files``: ``onnx``, ``golden``, optionally ``torch_state_dict``, ``model_card``...;
-- ``parity``: ``tolerance`` per precision (``fp32`` required; ``fp16`` permits fp16).
+- ``parity``: ``tolerance`` per precision (``fp32`` required; ``fp16`` permits fp16);
+- optionally ``heads``: logistic heads on the embedding (:mod:`engines.heads.serving`), each
+  reported as one more finding after the encoder's, and refused unless it records this
+  bundle's :attr:`Bundle.encoder_sha256`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
+
+from engines.heads.serving import check_heads
 
 #: Built-in bundles shipped inside the package.
 BUILTIN_DIR = Path(__file__).resolve().parent / "bundles"
@@ -58,6 +63,28 @@ class Bundle:
     findings: tuple[FindingSpec, ...]
     intended_use: dict[str, Any]
     sha256: str
+    #: Findings of the manifest's ``heads``, reported after :attr:`findings` (the encoder's outputs).
+    head_findings: tuple[FindingSpec, ...] = ()
+
+    @property
+    def reported_findings(self) -> tuple[FindingSpec, ...]:
+        """Every finding the engine reports: the encoder's, then the heads'."""
+        return self.findings + self.head_findings
+
+    @cached_property
+    def encoder_sha256(self) -> str:
+        """SHA-256 of the encoder alone: the manifest's ``input``, ``architecture`` and ``outputs``
+        and the weight files (every file but ``golden`` and ``model_card``).
+
+        Unlike :attr:`model_sha256` it ignores heads, thresholds and golden outputs, so a bundle
+        made by adding a head to another has the same encoder identity, which its heads record.
+        """
+        spec = {key: self.manifest[key] for key in ("input", "architecture", "outputs")}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+        for role, name in sorted(self.manifest["files"].items()):
+            if role not in ("golden", "model_card"):
+                digest.update(role.encode() + b"\0" + hashlib.sha256((self.path / name).read_bytes()).digest())
+        return digest.hexdigest()
 
     @cached_property
     def model_sha256(self) -> str:
@@ -127,7 +154,7 @@ def load_bundle(name_or_path: str | Path) -> Bundle:
     for role, name in manifest["files"].items():
         if not (path / name).is_file():
             raise BundleError(f"{manifest_path}: files.{role} names {name!r}, which is not in {path}")
-    return Bundle(
+    bundle = Bundle(
         name=manifest["name"],
         version=manifest["version"],
         path=path,
@@ -136,6 +163,17 @@ def load_bundle(name_or_path: str | Path) -> Bundle:
         intended_use=manifest["intended_use"],
         sha256=hash_files(path),
     )
+    if "heads" not in manifest:
+        return bundle
+    problems = check_heads(manifest["heads"], bundle.encoder_sha256, manifest["outputs"]["embedding_dim"])
+    if problems:
+        raise BundleError(f"{manifest_path}: " + "; ".join(problems))
+    heads = check.findings([{**item, "threshold": item["head"]["threshold"]} for item in manifest["heads"]],
+                           "heads")
+    names = [f.name for f in findings + heads]
+    if len(set(names)) != len(names):
+        check.fail("heads", f"repeat a finding name of the bundle: {names}")
+    return replace(bundle, head_findings=heads)
 
 
 class _Checker:
@@ -222,12 +260,12 @@ class _Checker:
                 if value <= 0:
                     self.fail(f"parity.tolerance.{precision}.{key}", "must be positive")
 
-    def findings(self, items: list) -> tuple[FindingSpec, ...]:
+    def findings(self, items: list, key: str = "findings") -> tuple[FindingSpec, ...]:
         if not items:
-            self.fail("findings", "must list at least one finding")
+            self.fail(key, "must list at least one finding")
         specs = []
         for i, item in enumerate(items):
-            field = f"findings[{i}]."
+            field = f"{key}[{i}]."
             code = self.get(item, "code", dict, field)
             threshold = self.get(item, "threshold", (int, float), field)
             if not 0.0 < threshold < 1.0:
@@ -243,7 +281,7 @@ class _Checker:
             )
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            self.fail("findings", f"has duplicate names: {names}")
+            self.fail(key, f"has duplicate names: {names}")
         return tuple(specs)
 
 

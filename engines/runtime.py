@@ -12,6 +12,7 @@ import numpy as np
 from engines import backends, maps, parity
 from engines.backends import Backend, BackendUnavailable
 from engines.bundle import Bundle, load_bundle
+from engines.heads.serving import apply_heads, served_heads
 from engines.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -19,12 +20,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """Outputs for N images; finding axes follow ``findings`` (the bundle's order)."""
+    """Outputs for N images; finding axes follow ``findings`` (the bundle's reported order: the
+    encoder's findings, then its heads'). Only the encoder's findings have maps."""
 
     findings: tuple[str, ...]
     embeddings: np.ndarray  # (N, D) float32
     probabilities: np.ndarray  # (N, F) float32 in [0, 1]
-    maps: np.ndarray  # (N, F, h, w) float32 in [0, 1], each covering its whole image, row 0 = top
+    maps: np.ndarray  # (N, F_encoder, h, w) float32 in [0, 1], each covering its whole image, row 0 = top
+
+    def heatmap(self, row: int, col: int) -> np.ndarray | None:
+        """The map of finding ``col`` in image ``row``, or None for a head's finding (it has none)."""
+        return self.maps[row, col] if col < self.maps.shape[1] else None
 
 
 class Engine:
@@ -42,6 +48,7 @@ class Engine:
         self._embedding_dim = int(out["embedding_dim"])
         self._map_size = tuple(out["map"]["size"])
         self._stride = int(out["map"]["feature_stride"])
+        self._heads = served_heads(bundle.manifest.get("heads", []))
 
     @property
     def backend(self) -> str:
@@ -60,17 +67,16 @@ class Engine:
 
     def infer(self, images: Sequence[np.ndarray]) -> InferenceResult:
         """Run the model on 2-D MONOCHROME2 float images in [0, 1] of any size."""
-        names = tuple(f.name for f in self.bundle.findings)
+        names = tuple(f.name for f in self.bundle.reported_findings)
         parts = [self._infer_batch(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
         if not parts:
-            n = len(names)
-            return InferenceResult(
-                names,
-                np.zeros((0, self._embedding_dim), np.float32),
-                np.zeros((0, n), np.float32),
-                np.zeros((0, n, *self._map_size), np.float32),
-            )
-        return InferenceResult(names, *(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
+            n = len(self.bundle.findings)
+            embeddings = np.zeros((0, self._embedding_dim), np.float32)
+            probabilities, cams = np.zeros((0, n), np.float32), np.zeros((0, n, *self._map_size), np.float32)
+        else:
+            embeddings, probabilities, cams = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        probabilities = np.concatenate([probabilities, apply_heads(self._heads, embeddings)], axis=1)
+        return InferenceResult(names, embeddings, probabilities, cams)
 
     def _infer_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         batch, regions = preprocess(images, self.bundle.manifest["input"])

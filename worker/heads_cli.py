@@ -7,6 +7,13 @@ or one 0/1 column per finding. Patients come from ``patient_id``/``Patient ID`` 
 ``--patient-column``); without one, every image counts as its own patient. Images are PNG/JPEG
 or DICOM files under ``--images``; rows whose image is absent are left out and counted.
 Embeddings and probabilities are cached in ``OUT/embeddings.npz`` per bundle model hash.
+
+``heads train --from-ledger`` reads instead the embeddings the worker archived (table
+``embeddings``) for the current bundle (``PLEURA_MODEL``/``--model``), labelled by a CSV keyed by
+``StudyInstanceUID`` (each of the study's images gets the study's label) or ``SOPInstanceUID``.
+Those vectors are unit length, so the head reads ``unit_embedding``. Patient-level folds group by
+the CSV's patient column if it has one, else by study (the ledger keeps no patient key).
+``--write-bundle`` installs a new bundle version with the head (:func:`write_bundle`).
 """
 
 from __future__ import annotations
@@ -137,18 +144,127 @@ def embed(settings: Settings, model: str, backend: str, table: LabelTable, cache
     return bundle, embeddings, np.stack([known[n][1] for n in table.names]).astype(np.float32)
 
 
+UID_COLUMNS = ("StudyInstanceUID", "SOPInstanceUID")
+
+
+def ledger_table(settings: Settings, model: str, labels: Path,
+                 patient_column: str | None = None) -> tuple[Any, LabelTable, np.ndarray]:
+    """(bundle, table, unit embeddings) of the archived images of ``model`` that the CSV labels."""
+    from sqlalchemy import select
+
+    from worker import models
+    from worker.ledger import Embedding, Instance, Study
+    from worker.ledger.db import Ledger
+
+    bundle = models.bundle(settings, model)
+    with open(labels, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    key = next((c for c in UID_COLUMNS if c in columns), None)
+    if key is None:
+        raise ValueError(f"{labels}: --from-ledger needs a {' or '.join(UID_COLUMNS)} column")
+    patient_col = patient_column or next((c for c in PATIENT_COLUMNS if c in columns), None)
+    by_uid = {r[key]: r for r in rows}
+    ledger = Ledger(settings.effective_database_url)
+    try:
+        with ledger.session() as s:
+            found = s.execute(
+                select(Instance.sop_instance_uid, Study.study_instance_uid, Embedding.vector)
+                .join(Instance, Instance.id == Embedding.instance_id).join(Study, Study.id == Embedding.study_id)
+                .where(Embedding.bundle_name == bundle.name, Embedding.bundle_version == bundle.version)
+                .order_by(Instance.sop_instance_uid)).all()
+    finally:
+        ledger.engine.dispose()
+    kept = [(sop, study, vector) for sop, study, vector in found
+            if (study if key == "StudyInstanceUID" else sop) in by_uid]
+    if not kept:
+        raise ValueError(f"the ledger holds no {bundle.name} {bundle.version} embedding of the {len(rows)} "
+                         f"UIDs in {labels}")
+    csv_rows = [by_uid[study if key == "StudyInstanceUID" else sop] for sop, study, _ in kept]
+    table = LabelTable(
+        names=[sop for sop, _, _ in kept], paths=[], rows=csv_rows,
+        patients=[r[patient_col] for r in csv_rows] if patient_col else [study for _, study, _ in kept],
+        list_column=next((c for c in LIST_COLUMNS if c in columns), None), has_patients=patient_col is not None,
+        n_missing=len(rows) - len({r[key] for r in csv_rows}))
+    return bundle, table, np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in kept])
+
+
+def write_bundle(settings: Settings, bundle: Any, finding: str, doc: dict[str, Any], version: str | None,
+                 code: str | None) -> Path:
+    """Install a copy of ``bundle`` with the head ``doc`` as a new version; returns its directory.
+
+    The encoder files are copied byte for byte. The head is reported as ``finding``, or as
+    ``"FINDING (head)"`` when the encoder already reports ``finding`` (its code is reused), with
+    ``code`` (``VALUE,SCHEME,MEANING``) required for a finding the bundle does not know. A head of
+    the same name from an earlier version is replaced. The version defaults to
+    ``<base version>+head.<finding>.<n>``, the first n not installed. ``golden.npz`` keeps the
+    encoder's reference inputs, embeddings and maps; its probabilities gain one column per head,
+    computed from the reference embeddings, so the parity gate checks the heads too.
+    """
+    import shutil
+
+    from engines import load_bundle
+    from engines.bundle import MANIFEST
+    from engines.heads.serving import apply_heads, served_heads
+
+    known = {f.name: f for f in bundle.findings}
+    name = f"{finding} (head)" if finding in known else finding
+    if code:
+        parts = [p.strip() for p in code.split(",", 2)]
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"--code must be VALUE,SCHEME,MEANING, got {code!r}")
+        coded = dict(zip(("value", "scheme", "meaning"), parts, strict=True))
+    elif finding in known:
+        spec = known[finding]
+        coded = {"value": spec.code_value, "scheme": spec.code_scheme, "meaning": spec.code_meaning}
+    else:
+        raise ValueError(f"{finding!r} is not a finding of {bundle.name}; give its SR code with "
+                         "--code VALUE,SCHEME,MEANING (e.g. a SNOMED CT concept, scheme SCT)")
+    root = settings.effective_models_dir
+    base = bundle.version.split("+")[0]
+    n = 1
+    while version is None and (root / slug(f"{bundle.name}-{base}+head.{slug(finding)}.{n}")).exists():
+        n += 1
+    version = version or f"{base}+head.{slug(finding)}.{n}"
+    target = root / slug(f"{bundle.name}-{version}")
+    if target.exists():
+        raise ValueError(f"{target} exists: choose another --version")
+    manifest = json.loads(json.dumps(bundle.manifest))
+    heads = [h for h in manifest.get("heads", []) if h["name"] != name] + [{"name": name, "code": coded, "head": doc}]
+    manifest.update(version=version, heads=heads, derived_from={
+        "name": bundle.name, "version": bundle.version, "model_sha256": bundle.model_sha256,
+        "encoder_sha256": bundle.encoder_sha256, "added_head": name})
+    from engines.parity import golden
+
+    inputs, reference = golden(bundle)
+    encoder = len(bundle.findings)
+    reference["probabilities"] = np.concatenate(
+        [reference["probabilities"][:, :encoder], apply_heads(served_heads(heads), reference["embeddings"])], axis=1)
+    staging = root / f".{target.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(bundle.path, staging)
+    np.savez(staging / manifest["files"]["golden"], **{f"input_{i}": x for i, x in enumerate(inputs)}, **reference)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    load_bundle(staging)  # refuses a head whose encoder identity differs
+    staging.rename(target)
+    return target
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "finding"
 
 
 def _identity(bundle) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    return {"name": bundle.name, "version": bundle.version, "model_sha256": bundle.model_sha256}
+    return {"name": bundle.name, "version": bundle.version, "model_sha256": bundle.model_sha256,
+            "encoder_sha256": bundle.encoder_sha256}
 
 
 def _dataset(args: argparse.Namespace, table: LabelTable) -> dict[str, Any]:
     return {"labels_csv": Path(args.labels).name, "n_images": len(table.names),
             "n_rows_without_image": table.n_missing, "n_patients": len(set(table.patients)),
-            "patients": "patient column" if table.has_patients else "none given: each image its own patient"}
+            "patients": "patient column" if table.has_patients else "none given: grouped by study"
+            if getattr(args, "from_ledger", False) else "none given: each image its own patient",
+            "source": "ledger embeddings (unit length)" if getattr(args, "from_ledger", False) else "images"}
 
 
 def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
@@ -194,14 +310,20 @@ def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _head_inputs(settings: Settings, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    table = read_labels(args.labels, args.images, args.image_column, args.patient_column)
+    if getattr(args, "from_ledger", False):
+        bundle, table, x = ledger_table(settings, args.model or settings.model, args.labels, args.patient_column)
+    elif args.images is None:
+        raise ValueError("give --images (or --from-ledger)")
+    else:
+        table = read_labels(args.labels, args.images, args.image_column, args.patient_column)
     y = table.labels(args.finding)
     if y is None:
         raise ValueError(f"{args.finding!r} is not labelled in {args.labels}")
     if y.sum() < 2 or (~y).sum() < 2:
         raise ValueError(f"{args.finding!r}: need at least 2 positives and 2 negatives, have {int(y.sum())}/{len(y)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    bundle, x, _ = embed(settings, args.model, args.backend, table, args.cache or args.out / CACHE)
+    if not getattr(args, "from_ledger", False):
+        bundle, x, _ = embed(settings, args.model or "demo", args.backend, table, args.cache or args.out / CACHE)
     return table, y, bundle, x
 
 
@@ -231,6 +353,9 @@ def cmd_heads_train(settings: Settings, args: argparse.Namespace) -> None:
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     doc = head_document(args.finding, head, point.as_dict(), _identity(bundle), training)
+    if args.from_ledger:
+        doc["input"] = "unit_embedding"
+        doc["probability"] = "sigmoid(unit(embedding) . weights + bias)"
     (args.out / f"head-{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     fpr, tpr, _ = roc_curve(y, cv.scores)
     roc_png({args.finding: (fpr, tpr, f"AUC {summary['auc']:.3f} {summary['auc_ci95']} (out-of-fold)")},
@@ -241,6 +366,10 @@ def cmd_heads_train(settings: Settings, args: argparse.Namespace) -> None:
     print(f"threshold {point.threshold:.4f} ({point.rule}): sensitivity {point.sensitivity:.3f}, "
           f"specificity {point.specificity:.3f}")
     print(f"wrote {args.out / f'head-{name}.json'} and {args.out / f'roc-{name}.png'}")
+    if args.write_bundle:
+        target = write_bundle(settings, bundle, args.finding, doc, args.version, args.code)
+        print(f"installed bundle version {json.loads((target / 'manifest.json').read_text())['version']} "
+              f"at {target}; serve it with PLEURA_MODEL={target.name} and restart pleura serve/worker")
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -266,17 +395,18 @@ def cmd_heads_curve(settings: Settings, args: argparse.Namespace) -> None:
     print(f"wrote {args.out / f'curve-{name}.json'} and .png")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG or DICOM images")
+def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--images", type=Path, required=required, help="folder of PNG/JPEG or DICOM images")
     p.add_argument("--labels", type=Path, required=True, help="CSV keyed by image file name")
-    p.add_argument("--model", default="demo", help="bundle name or path (default: demo)")
+    p.add_argument("--model", default=None if not required else "demo",
+                   help="bundle name or path (default: demo; with --from-ledger: PLEURA_MODEL)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--image-column")
     p.add_argument("--patient-column")
 
 
-def _head_options(p: argparse.ArgumentParser) -> None:
-    _common(p)
+def _head_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    _common(p, required)
     p.add_argument("--finding", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cache", type=Path, help=f"embedding cache (default OUT/{CACHE})")
@@ -306,7 +436,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("heads", help="data-efficient heads on a bundle's embeddings: train, curve")
     heads = p.add_subparsers(dest="action", required=True)
     h = heads.add_parser("train", help="logistic head, patient-level CV AUC, ROC, threshold, head file")
-    _head_options(h)
+    _head_options(h, required=False)
+    h.add_argument("--from-ledger", action="store_true",
+                   help="use the embeddings the worker archived; labels keyed by StudyInstanceUID or SOPInstanceUID")
+    h.add_argument("--write-bundle", action="store_true", help="install a new bundle version carrying the head")
+    h.add_argument("--version", help="version of the new bundle (default <version>+head.<finding>.<n>)")
+    h.add_argument("--code", help="VALUE,SCHEME,MEANING: SR code of a finding the bundle does not have")
     target = h.add_mutually_exclusive_group()
     target.add_argument("--target-sensitivity", type=float, help="default 0.9 unless a specificity is given")
     target.add_argument("--target-specificity", type=float)

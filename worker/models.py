@@ -44,7 +44,8 @@ def listing(settings: Settings) -> list[dict[str, Any]]:
                 "origin": origin,
                 "path": str(b.path),
                 "sha256": b.sha256,
-                "findings": [f.name for f in b.findings],
+                "findings": [f.name for f in b.reported_findings],
+                "heads": [f.name for f in b.head_findings],
                 "intended_use": b.intended_use,
                 "description": b.manifest.get("description", ""),
             })

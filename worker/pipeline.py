@@ -196,7 +196,7 @@ def _infer(
 ) -> tuple[list[ImageResult], list[np.ndarray]]:
     """All of a study's images in one request to the batcher, which merges concurrent studies;
     the image results and each image's embedding."""
-    specs = {f.name: f for f in engine.bundle.findings}
+    specs = {f.name: f for f in engine.bundle.reported_findings}
     results: list[ImageResult] = []
     embeddings: list[np.ndarray] = []
     if eligible:
@@ -208,7 +208,7 @@ def _infer(
                     code=Code(specs[name].code_value, specs[name].code_scheme, specs[name].code_meaning),
                     probability=float(out.probabilities[row, col]),
                     threshold=float(specs[name].threshold),
-                    heatmap=out.maps[row, col],
+                    heatmap=out.heatmap(row, col),
                 )
                 for col, name in enumerate(out.findings)
             )

@@ -42,7 +42,8 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
 
     A message is re-sent when its row was never published (or the publish failed), when the
     lease of the worker that took it expired since, or, as a backstop against a broker that
-    lost it, when it has waited ``republish_seconds``: a long backlog is not multiplied.
+    lost it (a killed worker's reserved messages, on Redis), every ``republish_seconds`` while
+    the row stays unclaimed: a long backlog is not multiplied.
     """
     report = SweepReport()
     now = utcnow()
@@ -81,7 +82,8 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
                     and_(Job.state == JobState.QUEUED,
                          or_(Job.published_at.is_(None), Job.published_at < stale)),
                     and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now,
-                         or_(Job.published_at.is_(None), Job.published_at < Job.lease_expires_at)),
+                         or_(Job.published_at.is_(None), Job.published_at < Job.lease_expires_at,
+                             Job.published_at < stale)),
                 ),
             ).with_for_update(skip_locked=True)
         ).all()
@@ -96,7 +98,8 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
                          or_(Delivery.published_at.is_(None), Delivery.published_at < stale)),
                     and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now,
                          or_(Delivery.published_at.is_(None),
-                             Delivery.published_at < Delivery.lease_expires_at)),
+                             Delivery.published_at < Delivery.lease_expires_at,
+                             Delivery.published_at < stale)),
                 ),
             ).with_for_update(skip_locked=True)
         ).all()

@@ -3,7 +3,8 @@
 The document is self-contained so a bundle manifest can later carry it verbatim, e.g. as an
 entry of a ``heads`` list (or as a finding with ``"head": {...}``): ``weights``/``bias`` apply
 to the bundle's ``outputs.embedding`` exactly as the engine returns it, ``threshold`` is the
-operating point, and ``bundle.model_sha256`` pins the encoder the weights are valid for.
+operating point, and ``bundle.encoder_sha256`` pins the encoder the weights are valid for
+(:attr:`engines.bundle.Bundle.encoder_sha256`; a bundle carrying the head is refused otherwise).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def head_document(finding: str, head: LogisticHead, threshold: dict[str, Any], b
                   training: dict[str, Any]) -> dict[str, Any]:
     """The JSON-ready head: finding, model, operating point, encoder identity and training summary.
 
-    ``bundle`` holds ``name``, ``version`` and ``model_sha256`` of the encoder bundle.
+    ``bundle`` holds ``name``, ``version``, ``model_sha256`` and ``encoder_sha256`` of the encoder bundle.
     """
     return {
         "schema": HEAD_SCHEMA,
@@ -36,7 +37,7 @@ def head_document(finding: str, head: LogisticHead, threshold: dict[str, Any], b
         "probability": "sigmoid(embedding . weights + bias)",
         "threshold": float(threshold["threshold"]),
         "threshold_rule": threshold["rule"],
-        "bundle": {key: bundle[key] for key in ("name", "version", "model_sha256")},
+        "bundle": {key: bundle[key] for key in ("name", "version", "model_sha256", "encoder_sha256")},
         "training": training,
     }
 

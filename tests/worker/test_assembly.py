@@ -120,3 +120,7 @@ def test_an_expired_lease_is_republished_once(ledger: Ledger) -> None:
     assert sweep(ledger, 0, 600, published).republished_jobs == [job_id]
     assert sweep(ledger, 0, 600, published).republished_jobs == []
     assert published == [(PROCESS_TASK, job_id)]
+    # that message was lost too (a worker that reserved it was killed before claiming it): the backstop
+    with ledger.session() as s:
+        s.execute(update(Job).values(published_at=utcnow() - timedelta(seconds=601)))
+    assert sweep(ledger, 0, 600, published).republished_jobs == [job_id]
