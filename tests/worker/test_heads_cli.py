@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from engines.heads import head_probabilities, read_head
-from worker.heads_cli import CACHE, register
+from worker.heads_cli import register
+from worker.labelled import CACHE
 from worker.settings import load_settings
 
 
