@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,20 @@ class Proc:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    """Stop ``procs`` when the block ends; when it fails, print the tail of their logs first."""
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            print(f"--- {proc.log.name}\n{proc.tail()}")
+        raise
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def embedded_env(tmp_path: Path, port: int, dest_port: int, quiet: float) -> dict[str, str]:

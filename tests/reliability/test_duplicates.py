@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage
 
-from tests.e2e.harness import embedded_env, pleura, storescp, wait_port
+from tests.e2e.harness import embedded_env, pleura, running, storescp, wait_port
 from tests.figures import save
 from tests.reliability.ingest import SUCCESS, Ledger, SendLog, send, sha256, small_studies, spool_files, wire_bytes
 from tests.support import free_port, wait_for
@@ -56,7 +57,7 @@ def test_duplicate_instances(nih: Path, tmp_path: Path) -> None:
         return (study()[0] == "DONE"
                 and ledger.scalar("SELECT count(*) FROM deliveries WHERE state = 'DELIVERED'") == n)
 
-    try:
+    with running(serve, dest), closing(ledger):
         wait_port(port, serve, timeout=120)
         send(port, [a, b, a], log)  # the same instance twice in one association
         send(port, [a], log)  # and again in another
@@ -103,10 +104,3 @@ def test_duplicate_instances(nih: Path, tmp_path: Path) -> None:
         assert [r["revision"] for r in ledger.rows("SELECT revision FROM jobs ORDER BY revision")] == [1, 2]
         assert ledger.scalar("SELECT count(*) FROM findings") == 2 * findings_once  # one inference per revision
         assert study() == ("DONE", 2) and times(a_uid) == 4
-    except BaseException:
-        print(serve.tail())
-        raise
-    finally:
-        ledger.close()
-        serve.stop()
-        dest.stop()

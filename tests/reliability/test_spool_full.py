@@ -11,11 +11,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import embedded_env, pleura, wait_port
+from tests.e2e.harness import embedded_env, pleura, running, wait_port
 from tests.figures import save
 from tests.reliability.ingest import (
     OUT_OF_RESOURCES,
@@ -62,7 +63,7 @@ def test_spool_full_refuses_then_resumes(nih: Path, tmp_path: Path, small_spool:
     env = {**embedded_env(tmp_path, port, free_port(), quiet=60), "PLEURA_MIN_FREE_DISK_MB": str(WATERMARK_MB)}
     serve = pleura("serve", env, tmp_path / "serve.log")
     ledger = Ledger(f"sqlite:///{tmp_path / 'var' / 'pleura.db'}")
-    try:
+    with running(serve), closing(ledger):
         wait_port(port, serve, timeout=120)
         full = SendLog()
         send(port, study, full)
@@ -95,9 +96,3 @@ def test_spool_full_refuses_then_resumes(nih: Path, tmp_path: Path, small_spool:
             "refusal_events": len(refusals), "partial_files": 0,
             "accepted_after_space_returned": len(resumed.answers), "listener_restarts": 0,
         })
-    except BaseException:
-        print(serve.tail())
-        raise
-    finally:
-        ledger.close()
-        serve.stop()

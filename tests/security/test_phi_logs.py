@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import _config
 
-from tests.e2e.harness import embedded_env, pleura, pleura_run, storescp, wait_port
+from tests.e2e.harness import embedded_env, pleura, pleura_run, running, storescp, wait_port
 from tests.figures import save
 from tests.security.make_corpus import base_dataset, encode_body, find, part10, set_value
 from tests.security.test_malformed import send_file
@@ -88,7 +88,7 @@ def test_no_phi_in_logs_of_an_end_to_end_run(real_cr: Path, tmp_path: Path,
     port = free_port()
     env = {**embedded_env(tmp_path, port, dest_port, QUIET), "PLEURA_LOG_LEVEL": "DEBUG"}
     serve = pleura("serve", env, tmp_path / "serve.log")
-    try:
+    with running(serve, dest):
         wait_port(port, serve, timeout=120)
         statuses = {p.name: send_file(port, p)[0] for p in _inputs(real_cr, tmp_path / "in")}
         assert statuses["real.dcm"] == 0 and statuses["badstudy.dcm"] == 0xC000, statuses
@@ -101,12 +101,6 @@ def test_no_phi_in_logs_of_an_end_to_end_run(real_cr: Path, tmp_path: Path,
             return rows if len(done) == accepted and delivered else None
 
         rows = wait_for(settled, QUIET + 120, "every accepted study processed and results delivered")
-    except BaseException:
-        print(serve.tail())
-        raise
-    finally:
-        serve.stop()
-        dest.stop()
     text = (tmp_path / "serve.log").read_text(errors="replace")
     lines = text.splitlines()
     hits = [(n, line[:200]) for line in lines for n in scan(line)]

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.e2e.harness import PLEURA, embedded_env, pleura, pleura_run, storescp, wait_for, wait_port
+from tests.e2e.harness import PLEURA, embedded_env, pleura, pleura_run, running, storescp, wait_for, wait_port
 from tests.support import free_port
 
 QUIET = 2
@@ -42,7 +42,7 @@ def test_serve_archives_embeddings_and_search_finds_the_other_studies(nih: Path,
     port = free_port()
     env = embedded_env(tmp_path, port, dest_port, QUIET)
     serve = pleura("serve", env, tmp_path / "serve.log")
-    try:
+    with running(serve, dest):
         wait_port(port, serve, timeout=120)
         pleura_run({}, "send", "127.0.0.1", str(port), str(inputs))
         db = sqlite3.connect(tmp_path / "var" / "pleura.db")
@@ -75,9 +75,3 @@ def test_serve_archives_embeddings_and_search_finds_the_other_studies(nih: Path,
         assert text_search.returncode != 0 and "bundle demo 0.1.0 has no text encoder" in text_search.stderr
         unknown = _search(env, "--like", "1.2.3.4.5")
         assert unknown.returncode != 0 and "1.2.3.4.5 is neither a Study nor a SOP Instance UID" in unknown.stderr
-    except BaseException:
-        print(serve.tail())
-        raise
-    finally:
-        serve.stop()
-        dest.stop()
