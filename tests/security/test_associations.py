@@ -41,10 +41,19 @@ def listener(pg_url: str, tmp_path: Path, **overrides: Any) -> Iterator[tuple[St
         ledger.close()
 
 
-def rejections(ledger: Ledger) -> list[dict]:
-    with ledger.session() as s:
-        rows = s.scalars(select(Event).where(Event.kind == "association_rejected").order_by(Event.id)).all()
-        return [json.loads(e.detail) for e in rows]
+def rejections(ledger: Ledger, at_least: int = 0) -> list[dict]:
+    """The ``association_rejected`` events, waiting until there are ``at_least`` of them (the
+    listener records a rejection after sending it, so a peer may learn of it first)."""
+
+    def read() -> list[dict]:
+        with ledger.session() as s:
+            rows = s.scalars(select(Event).where(Event.kind == "association_rejected").order_by(Event.id)).all()
+            return [json.loads(e.detail) for e in rows]
+
+    if at_least == 0:
+        return read()
+    return wait_for(lambda: events if len(events := read()) >= at_least else None, 15,
+                    f"{at_least} association_rejected events")
 
 
 def echo_ae(calling: str = "MODALITY") -> AE:
@@ -79,7 +88,7 @@ def test_over_the_limit_is_rejected_with_a_reason_and_room_frees_up(pg_url: str,
         rj = extra.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
         assert all(a.is_established and a.send_c_echo().Status == 0 for a in held)  # the others are untouched
-        (event,) = rejections(ledger)
+        (event,) = rejections(ledger, at_least=1)
         assert event["calling_ae"] == "MODALITY" and event["peer_host"] == "127.0.0.1"
         assert event["reason"] == f"association limit reached ({limit} of {limit} open)"
 
