@@ -168,7 +168,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
     """Nearest studies to a study or image (``--like``), or to a text (bundles with a text side)."""
     from engines import BundleError
-    from worker.embeddings import EmbeddingArchive, SearchError, text_vector
+    from worker.embeddings import EmbeddingArchive, SearchError
     from worker.ledger.db import Ledger, schema_is_current
     from worker.models import bundle
 
@@ -180,8 +180,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
         if args.like:
             result = archive.like(args.like, args.limit, args.offset, args.bundle)
         else:
-            b = bundle(settings, args.bundle or settings.model)
-            result = archive.nearest(text_vector(b, args.text), b.name, b.version, args.limit, args.offset)
+            result = archive.text(bundle(settings, args.bundle or settings.model), args.text, args.limit, args.offset)
     except (SearchError, BundleError) as exc:
         sys.exit(f"error: {exc}")
     finally:

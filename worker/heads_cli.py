@@ -1,8 +1,10 @@
-"""``pleura eval`` and ``pleura heads train|curve``: offline evaluation and data-efficient heads.
+"""``pleura eval`` and ``pleura heads train|curve|zero-shot``: offline evaluation, data-efficient and zero-shot
+heads.
 
 Data sets come from :mod:`worker.labelled` (image folders with a labels CSV, or the ledger's
 archived embeddings with ``--from-ledger``); ``--write-bundle`` installs a new bundle version
-with the head (:func:`worker.head_bundles.write_bundle`).
+with the head (:func:`worker.head_bundles.write_bundle`); ``zero-shot`` adds a finding scored from text
+prompts to a language-aligned bundle (:func:`worker.head_bundles.install_zero_shot`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.head_bundles import slug, write_bundle
+from worker.head_bundles import install_zero_shot, slug, write_bundle
 from worker.labelled import CACHE, LabelTable, embed, ledger_table, read_labels
 from worker.settings import Settings
 
@@ -137,6 +139,22 @@ def cmd_heads_train(settings: Settings, args: argparse.Namespace) -> None:
               f"at {target}; serve it with PLEURA_MODEL={target.name} and restart pleura serve/worker")
 
 
+def cmd_heads_zero_shot(settings: Settings, args: argparse.Namespace) -> None:
+    """Install a new version of a language-aligned bundle with a finding scored from text prompts."""
+    from worker.models import bundle as find_bundle
+
+    bundle = find_bundle(settings, args.model or settings.model)
+    target = install_zero_shot(settings, bundle, args.finding, args.positive, args.negative, args.version,
+                               args.code, args.threshold)
+    manifest = json.loads((target / "manifest.json").read_text())
+    spec = next(f for f in manifest["findings"] if f["name"] == args.finding)
+    print(f"{args.finding}: zero-shot ({manifest['architecture']['scoring']} scoring) from {len(args.positive)} "
+          f"positive and {len(args.negative)} negative prompt(s), threshold {spec['threshold']}")
+    print(f"installed bundle version {manifest['version']} at {target}; check it on labelled images with "
+          f"pleura eval --model {target.name}, serve it with PLEURA_MODEL={target.name} and restart pleura "
+          "serve/worker")
+
+
 def parse_sizes(text: str) -> list[int]:
     """``10,25,all`` -> [10, 25, a size no pool reaches]."""
     return [sys.maxsize if s.strip() == "all" else int(s) for s in text.split(",")]
@@ -198,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--out", type=Path, default=Path("pleura-eval"))
     p.set_defaults(func=_guarded(cmd_eval))
-    p = sub.add_parser("heads", help="data-efficient heads on a bundle's embeddings: train, curve")
+    p = sub.add_parser("heads", help="heads on a bundle's embeddings: train, curve, zero-shot")
     heads = p.add_subparsers(dest="action", required=True)
     h = heads.add_parser("train", help="logistic head, patient-level CV AUC, ROC, threshold, head file")
     _head_options(h, required=False)
@@ -216,3 +234,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--sizes", default="10,25,50,100,200,all")
     h.add_argument("--repeats", type=int, default=20)
     h.set_defaults(func=_guarded(cmd_heads_curve))
+    h = heads.add_parser("zero-shot", help="new bundle version with a finding scored from text prompts "
+                                           "(language-aligned bundles)")
+    h.add_argument("--model", help="bundle name or path (default: PLEURA_MODEL)")
+    h.add_argument("--finding", required=True, help="finding name; an existing one is re-prompted")
+    h.add_argument("--positive", action="append", required=True, help="prompt for the finding (repeatable)")
+    h.add_argument("--negative", action="append", required=True, help="prompt for its absence (repeatable)")
+    h.add_argument("--threshold", type=float, help="operating threshold (default 0.5, or the finding's own)")
+    h.add_argument("--version", help="version of the new bundle (default <version>+zs.<finding>.<n>)")
+    h.add_argument("--code", help="VALUE,SCHEME,MEANING: SR code of a finding the bundle does not have")
+    h.set_defaults(func=_guarded(cmd_heads_zero_shot))

@@ -18,12 +18,8 @@ import torch
 from engines import load
 from engines.importers.dinov2 import vit_manifest
 from engines.importers.writer import write_bundle
-from engines.nets.vit import ViTZeroShot
 from engines.zero_shot import ZeroShotHead, prompt_embedding
-
-U = np.array([1.0, -1.0, 0.0, 0.0]) / np.sqrt(2)  # bright patch direction; background is -U
-NEGATIVE = np.array([-1.0, 1.0, 1.0, -1.0]) / 2  # cos 0.71 with background, -0.71 with the feature
-SCALE = 10.0
+from tests.engines.aligned_pair import NEGATIVE, NODULE, SCALE, U, architecture, images, planted_model
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -68,41 +64,15 @@ def test_prompt_embedding_averages_unit_vectors() -> None:
         prompt_embedding([1.0, 2.0], 3)
 
 
-def _planted_model() -> ViTZeroShot:
-    """No transformer blocks: each patch token is +U if the patch is brighter than 0.5, else -U."""
-    model = ViTZeroShot(
-        1, embed_dim=4, scoring="elixr", logit_scale=SCALE, image_size=[32, 32], patch_size=8, dim=4,
-        depth=0, heads=1, mlp_dim=4, mean=[0.5] * 3, std=[1.0] * 3,
-    )  # fmt: skip
-    with torch.no_grad():
-        model.encoder.patch.weight.zero_()
-        model.encoder.patch.weight[0] = 1 / (3 * 64)  # channel 0: patch mean minus 0.5
-        model.encoder.patch.weight[1] = -1 / (3 * 64)
-        model.encoder.patch.bias.zero_()
-        model.encoder.cls_token.copy_(torch.tensor([0.0, 0.0, 1.0, -1.0]))
-        model.proj.weight.copy_(torch.eye(4))
-        model.head.positive.copy_(torch.tensor(U[None], dtype=torch.float32))
-        model.head.negative.copy_(torch.tensor(NEGATIVE[None], dtype=torch.float32))
-    return model
-
-
 def test_planted_feature_through_a_bundle(tmp_path: Path) -> None:
     """ELIXR scoring end to end: export, parity gate, probability and map find the bright patch."""
-    model = _planted_model()
-    architecture = {
-        "name": "vit_zero_shot", "embed_dim": 4, "scoring": "elixr", "logit_scale": SCALE, "image_size": [32, 32],
-        "patch_size": 8, "dim": 4, "depth": 0, "heads": 1, "mlp_dim": 4, "mean": [0.5] * 3, "std": [1.0] * 3,
-    }  # fmt: skip
-    finding = {"name": "Nodule", "code": {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}, "threshold": 0.5}
+    spot, background = images()
     manifest = vit_manifest(
         name="planted", version="1", description="hand-built zero-shot test model", licence="test only",
-        source={}, architecture=architecture, findings=[finding], upstream_preprocessing={},
+        source={}, architecture=architecture("elixr"), findings=[NODULE], upstream_preprocessing={},
         probabilities="elixr", map_method="patch-token similarity",
     )  # fmt: skip
-    background = np.full((32, 32), 0.2, np.float32)
-    spot = background.copy()
-    spot[8:16, 16:24] = 0.9
-    out = write_bundle(tmp_path / "planted", model=model, manifest=manifest, golden_inputs=[spot, background])
+    out = write_bundle(tmp_path / "planted", model=planted_model(), manifest=manifest, golden_inputs=[spot, background])
     for backend in ("onnxruntime", "torch"):
         result = load(out, backend).infer([spot, background])
         assert result.probabilities[0, 0] > 0.9 > 0.1 > result.probabilities[1, 0]

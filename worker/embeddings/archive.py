@@ -12,7 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from engines import Bundle
 from worker.embeddings import search
+from worker.embeddings.text import text_vector
 from worker.embeddings.vectors import pgvector_literal, unit
 from worker.ledger import Embedding
 from worker.ledger.db import Ledger
@@ -23,7 +25,7 @@ _REPLACED = ("study_id", "job_id", "dim", "vector", "created_at")
 
 
 class EmbeddingArchive:
-    """``store`` in the pipeline's transaction; ``like`` and ``nearest`` for search."""
+    """``store`` in the pipeline's transaction; ``like``, ``nearest`` and ``text`` for search."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -82,6 +84,11 @@ class EmbeddingArchive:
         query = search.Query(unit(vector), bundle_name, bundle_version)
         with self.ledger.session() as s:
             return search.search(s, self.backend, query, limit, offset)
+
+
+    def text(self, bundle: Bundle, query: str, limit: int = 10, offset: int = 0) -> search.SearchResult:
+        """Studies nearest to a text, in the space of ``bundle`` (one with a text side)."""
+        return self.nearest(text_vector(bundle, query), bundle.name, bundle.version, limit, offset)
 
 
 def _ensure_hnsw_index(s: Session, dim: int) -> None:
