@@ -17,10 +17,9 @@ import pytest
 from engines import load
 from tests.engines.aligned_pair import NEGATIVE, U, images, write_aligned_bundle
 from tests.figures import save
+from tests.worker.archived import archive_studies
 from worker.cli import main
-from worker.embeddings import EmbeddingArchive
-from worker.ledger import Instance, Job, Study
-from worker.ledger.db import Ledger, utcnow
+from worker.ledger.db import Ledger
 from worker.models import bundle
 from worker.settings import load_settings
 
@@ -65,34 +64,15 @@ def test_zero_shot_installs_a_new_version_that_finds_the_spot(data_dir: Path,
     assert not list((data_dir / "models").glob(".*.tmp"))
 
 
-def _store(data_dir: Path, studies: dict[str, np.ndarray], version: str) -> None:
-    ledger = Ledger(f"sqlite:///{data_dir / 'pleura.db'}")
-    archive = EmbeddingArchive(ledger)
-    now = utcnow()
-    with ledger.session() as s:
-        for uid, vector in studies.items():
-            study = Study(study_instance_uid=uid, state="DONE", revision=1, first_received_at=now,
-                          last_received_at=now)
-            s.add(study)
-            s.flush()
-            job = Job(study_id=study.id, revision=1, state="SUCCEEDED", created_at=now, attempts=1)
-            instance = Instance(study_id=study.id, sop_instance_uid=f"{uid}.1", sop_class_uid="1.2",
-                                series_instance_uid=f"{uid}.0", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                                spool_path="/dev/null", size_bytes=0, sha256="0" * 64, received_at=now)
-            s.add_all([job, instance])
-            s.flush()
-            archive.store(s, job_id=job.id, study_id=study.id, bundle_name="planted", bundle_version=version,
-                          vectors=[(instance.id, vector)], now=now)
-    ledger.close()
-
-
 def test_search_by_text_ranks_the_matching_studies_first(data_dir: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     main(["db", "upgrade"])
     rng = np.random.default_rng(0)
     studies = {f"1.2.{n}": direction + rng.normal(0, 0.1, 4)
                for n, direction in enumerate([U, NEGATIVE, U, NEGATIVE, U])}
-    _store(data_dir, studies, "1")
+    ledger = Ledger(f"sqlite:///{data_dir / 'pleura.db'}")
+    archive_studies(ledger, {uid: [v] for uid, v in studies.items()}, ("planted", "1"))
+    ledger.close()
     capsys.readouterr()
     ranked = {}
     for text in ("a bright spot in the lung", "an empty picture"):
