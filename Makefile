@@ -6,7 +6,7 @@ venv:
 	@.venv/bin/pip install -q --disable-pip-version-check -e .
 
 run: venv
-	.venv/bin/pleura serve
+	PLEURA_HTTP_PORT=$${PLEURA_HTTP_PORT-8080} .venv/bin/pleura serve
 
 test:
 	bash .ci/setup

@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from worker import heads_cli
+from worker.observability.endpoints import start_http
 from worker.settings import Settings, load_settings
 
 log = structlog.get_logger("pleura")
@@ -92,10 +93,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     scp = _start_listener(rt)
     sweeper = _start_sweeper(rt)
+    http = start_http(settings, rt, "serve")
     log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
              broker=settings.effective_broker_url.split("://")[0],
              destinations=[str(d) for d in settings.destinations])
     _wait_for_signal()
+    if http:
+        http.stop()
     sweeper.stop()
     scp.stop()
     work.stop(in_sighandler=False)
@@ -110,7 +114,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     _require_schema(rt)
     scp = _start_listener(rt)
     sweeper = _start_sweeper(rt) if not args.no_sweeper else None
+    http = start_http(settings, rt, "listen")
     _wait_for_signal()
+    if http:
+        http.stop()
     if sweeper:
         sweeper.stop()
     scp.stop()
@@ -125,6 +132,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     _require_schema(rt)
     rt.engine()
+    start_http(settings, rt, "worker")
     celery_app.app.worker_main([
         "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
         f"--loglevel={settings.log_level}", "-Q", ",".join(celery_app.QUEUES),

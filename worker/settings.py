@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = None
     tls_require_peer_cert: bool = True
     log_level: str = "INFO"
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(None, ge=0, le=65535)
 
     @field_validator("destinations", mode="before")
     @classmethod

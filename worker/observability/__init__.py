@@ -1,0 +1,1 @@
+"""Operations: HTTP health, readiness and metrics endpoints, and the read-only admin console."""
