@@ -6,14 +6,18 @@ inference thread takes the first waiting request, then keeps collecting until it
 engine once on all of them and hands each caller its own rows. A lone request therefore waits
 at most ``max_wait_ms``; under load a GPU sees large batches. A request larger than
 ``max_batch`` runs as a batch of its own (the engine splits it as it always does).
+
+An optional ``on_batch(size, seconds)`` observer hears of every engine call that succeeded (the
+application counts them; this package knows no metrics system). It must not block.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +25,11 @@ from typing import Protocol
 import numpy as np
 
 from engines.runtime import InferenceResult
+
+log = logging.getLogger(__name__)
+
+#: ``on_batch(images, seconds)``: one successful engine call of ``images`` images.
+BatchObserver = Callable[[int, float], None]
 
 
 class _Infers(Protocol):
@@ -40,12 +49,14 @@ class BatcherClosed(RuntimeError):
 class DynamicBatcher:
     """Thread-safe front of an engine that batches concurrent :meth:`infer` calls."""
 
-    def __init__(self, engine: _Infers, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, engine: _Infers, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: BatchObserver | None = None) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"need max_batch >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
         #: Engine calls made and images run so far (mean batch = images / batches).
         self.batches = 0
         self.images = 0
@@ -106,12 +117,14 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         images = [image for request in batch for image in request.images]
+        started = time.perf_counter()
         try:
             result = self.engine.infer(images)
         except BaseException as exc:  # every caller of this batch gets the engine's error
             for request in batch:
                 request.future.set_exception(exc)
             return
+        seconds = time.perf_counter() - started
         self.batches += 1
         self.images += len(images)
         start = 0
@@ -126,3 +139,8 @@ class DynamicBatcher:
                 )
             )
             start = end
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(images), seconds)
+            except Exception:  # an observer's fault must not stop the inference thread
+                log.exception("batch observer failed")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import structlog
-from celery import Celery
+from celery import Celery, signals
 
 from worker import delivery, pipeline, runtime
+from worker.logging import log_context
 from worker.settings import Settings
 from worker.sweeper import DELIVER_TASK, PROCESS_TASK
 
@@ -32,14 +33,21 @@ app.conf.update(
 )
 
 
-@app.task(name=PROCESS_TASK)
-def process_job(job_id: int) -> None:
-    pipeline.run_job(runtime.current(), job_id)
+@signals.setup_logging.connect
+def _keep_pleura_logging(**_kwargs: object) -> None:
+    """Celery leaves logging as :func:`worker.logging.configure` set it (its records in the same format)."""
 
 
-@app.task(name=DELIVER_TASK)
-def deliver(delivery_id: int) -> None:
-    delivery.deliver(runtime.current(), delivery_id)
+@app.task(name=PROCESS_TASK, bind=True)
+def process_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    with log_context(task_id=self.request.id):
+        pipeline.run_job(runtime.current(), job_id)
+
+
+@app.task(name=DELIVER_TASK, bind=True)
+def deliver(self, delivery_id: int) -> None:  # type: ignore[no-untyped-def]
+    with log_context(task_id=self.request.id):
+        delivery.deliver(runtime.current(), delivery_id)
 
 
 def configure(settings: Settings) -> Celery:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from worker import heads_cli
+from worker import audit_cli, heads_cli
 from worker.observability.endpoints import start_http
 from worker.settings import Settings, load_settings
 
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--same-study", action="store_true", help="all images in one study of one patient")
     p.set_defaults(func=cmd_synth)
     heads_cli.register(sub)
+    audit_cli.register(sub)
     return parser
 
 
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: invalid settings: {exc}")
     from worker.logging import configure
 
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     args.func(settings, args)
 
 

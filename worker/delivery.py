@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 from sqlalchemy import and_, or_, update
@@ -22,14 +23,30 @@ from worker.ledger import Delivery
 from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState
+from worker.logging import log_context
+from worker.observability.metrics import DELIVERY_ATTEMPTS, DELIVERY_FAILURES, observe_stage
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
 
 log = structlog.get_logger(__name__)
 
 
+class _Outcome(NamedTuple):
+    """What one try ended as: ``delivered`` (with the time since the result was produced), ``retry`` or
+    ``failed`` (with the reason)."""
+
+    outcome: str
+    seconds: float | None = None
+    reason: str | None = None
+
+
 def deliver(rt: Runtime, delivery_id: int) -> None:
     """Claim the delivery if due, send it, record the peer's status or schedule a retry."""
+    with log_context(delivery_id=delivery_id):
+        _deliver(rt, delivery_id)
+
+
+def _deliver(rt: Runtime, delivery_id: int) -> None:
     settings = rt.settings
     now = utcnow()
     with rt.ledger.session() as s:
@@ -54,6 +71,7 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
         delivery = s.get(Delivery, delivery_id)
         assert delivery is not None
         path, target = Path(delivery.output.path), Destination.parse(delivery.destination)
+        structlog.contextvars.bind_contextvars(study_id=delivery.output.job.study_id)
 
     status: int | None = None
     permanent = False
@@ -68,11 +86,16 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
     except Exception as exc:  # network, association and file errors all mean "try again"
         error, ok = f"{type(exc).__name__}: {exc}", False
     # the peer has the object now: losing this write (a database restart) would send it twice
-    _retrying(lambda: _record_outcome(rt, delivery_id, status, error, ok, permanent),
-              rt.settings.lease_seconds / 2)  # well inside the delivery's lease
+    done = _retrying(lambda: _record_outcome(rt, delivery_id, status, error, ok, permanent),
+                     rt.settings.lease_seconds / 2)  # well inside the delivery's lease
+    DELIVERY_ATTEMPTS.labels(done.outcome).inc()
+    if done.seconds is not None:
+        observe_stage("results_to_delivered", done.seconds)
+    if done.reason is not None:
+        DELIVERY_FAILURES.labels(done.reason).inc()
 
 
-def _retrying(write: Callable[[], None], seconds: float) -> None:
+def _retrying(write: Callable[[], _Outcome], seconds: float) -> _Outcome:
     """Run a ledger write, retrying while the database is unreachable for up to ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
@@ -86,7 +109,7 @@ def _retrying(write: Callable[[], None], seconds: float) -> None:
 
 
 def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: str | None, ok: bool,
-                    permanent: bool) -> None:
+                    permanent: bool) -> _Outcome:
     settings = rt.settings
     with rt.ledger.session() as s:
         delivery = s.get(Delivery, delivery_id)
@@ -97,7 +120,7 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
             delivery.state, delivery.delivered_at, delivery.last_error = DeliveryState.DELIVERED, utcnow(), None
             record(s, "delivered", study_id=study_id, delivery_id=delivery_id,
                    destination=delivery.destination, peer_status=status)
-            return
+            return _Outcome("delivered", (delivery.delivered_at - as_utc(delivery.output.created_at)).total_seconds())
         delivery.last_error = error
         deadline = as_utc(delivery.output.created_at) + timedelta(seconds=settings.delivery_horizon_seconds)
         now = utcnow()
@@ -107,7 +130,7 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
                    destination=delivery.destination, attempts=delivery.attempts, error=error,
                    reason="peer refused permanently" if permanent else "delivery horizon passed")
             log.error("delivery failed for good", delivery_id=delivery_id, error=error)
-            return
+            return _Outcome("failed", reason="peer_refused" if permanent else "horizon_passed")
         backoff = backoff_seconds(settings, delivery.attempts)
         delivery.state, delivery.published_at = DeliveryState.PENDING, None
         delivery.next_attempt_at = min(now + timedelta(seconds=backoff), deadline)  # a last try at the horizon
@@ -115,6 +138,7 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
                destination=delivery.destination, attempts=delivery.attempts, error=error,
                retry_in_seconds=backoff)
         log.warning("delivery will be retried", delivery_id=delivery_id, retry_in_s=backoff, error=error)
+        return _Outcome("retry")
 
 
 def backoff_seconds(settings: Settings, attempts: int) -> float:

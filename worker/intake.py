@@ -1,7 +1,13 @@
-"""Listen role: records what the SCP received in the ledger (the SCP's Receiver)."""
+"""Listen role: records what the SCP received in the ledger (the SCP's Receiver), and counts it.
+
+Each association runs in a thread of its own: its log lines carry ``association_id`` (and the
+``study_id`` of the last instance recorded) through structlog's context variables.
+"""
 
 from __future__ import annotations
 
+import structlog
+from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -11,6 +17,22 @@ from worker.ledger import Association, Instance, Study
 from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import StudyState
+from worker.observability.metrics import ASSOCIATIONS_ACTIVE, ASSOCIATIONS_REJECTED, INSTANCES, RECEIVED_BYTES
+
+log = structlog.get_logger(__name__)
+
+#: How the SCP words its refusals (dicom_node.scp), as a bounded label for the rejection counter.
+_REJECTION_KINDS = (
+    ("called AE title", "called_ae"),
+    ("calling AE title", "calling_ae"),
+    ("association limit", "limit"),
+    ("TLS handshake", "tls"),
+)
+
+
+def rejection_kind(reason: str) -> str:
+    """``called_ae``, ``calling_ae``, ``limit``, ``tls`` or ``other``."""
+    return next((kind for prefix, kind in _REJECTION_KINDS if reason.startswith(prefix)), "other")
 
 
 class LedgerReceiver:
@@ -30,9 +52,15 @@ class LedgerReceiver:
             )
             s.add(assoc)
             s.flush()
-            return assoc.id
+            key = assoc.id
+        ASSOCIATIONS_ACTIVE.inc()
+        structlog.contextvars.bind_contextvars(association_id=key)
+        return key
 
     def association_closed(self, key: object, reason: str) -> None:
+        ASSOCIATIONS_ACTIVE.dec()
+        log.info("association ended", reason=reason)
+        structlog.contextvars.unbind_contextvars("association_id", "study_id")
         with self.ledger.session() as s:
             assoc = s.get(Association, key)
             if assoc is not None:
@@ -40,11 +68,13 @@ class LedgerReceiver:
                 assoc.end_reason = reason
 
     def association_rejected(self, peer: Peer, reason: str) -> None:
+        ASSOCIATIONS_REJECTED.labels(rejection_kind(reason)).inc()
         with self.ledger.session() as s:
             record(s, "association_rejected", calling_ae=peer.calling_ae, called_ae=peer.called_ae,
                    peer_host=peer.host, reason=reason)
 
     def instance_refused(self, key: object, sop_instance_uid: str, status: int, reason: str) -> None:
+        INSTANCES.labels("refused", "").inc()
         with self.ledger.session() as s:
             record(s, "instance_refused", association_id=key, sop_instance_uid=sop_instance_uid[:64],
                    status=f"0x{status:04X}", reason=reason)
@@ -53,13 +83,17 @@ class LedgerReceiver:
         for attempt in range(3):
             try:
                 with self.ledger.session() as s:
-                    self._record(s, stored)
-                return
+                    study_id, outcome = self._record(s, stored)
+                break
             except IntegrityError:
                 if attempt == 2:  # another association created the same rows concurrently
                     raise
+        structlog.contextvars.bind_contextvars(study_id=study_id)
+        INSTANCES.labels(outcome, UID(stored.transfer_syntax_uid).name).inc()
+        RECEIVED_BYTES.inc(stored.size)
 
-    def _record(self, s: Session, stored: StoredInstance) -> None:
+    def _record(self, s: Session, stored: StoredInstance) -> tuple[int, str]:
+        """Record the instance; returns the study's id and ``accepted`` or ``duplicate``."""
         now = utcnow()
         study = s.scalars(
             select(Study).where(Study.study_instance_uid == stored.study_instance_uid).with_for_update()
@@ -80,7 +114,7 @@ class LedgerReceiver:
         ).one_or_none()
         if instance is not None and instance.sha256 == stored.sha256:
             instance.times_received += 1
-            return
+            return study.id, "duplicate"
         if instance is None:
             s.add(
                 Instance(
@@ -119,3 +153,4 @@ class LedgerReceiver:
             study.state = StudyState.RECEIVING
             study.revision += 1
             study.done_at = None
+        return study.id, "accepted"

@@ -18,6 +18,7 @@ from worker.ledger import Attempt, Job, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import JobState, StudyState
+from worker.observability.metrics import observe_stage
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,10 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float, max_attempts: int =
         s.add(attempt)
         s.flush()
         record(s, "job_started", study_id=study.id, job_id=job.id, attempt=job.attempts, worker=WORKER_ID)
-        return attempt.id
+        attempt_id, first, waited = attempt.id, job.attempts == 1, (now - as_utc(job.created_at)).total_seconds()
+    if first:  # a retry's wait would count the failed attempts again
+        observe_stage("queued_to_processing", waited)
+    return attempt_id
 
 
 def _quarantine_exhausted(s: Session, job_id: int, claimable: ColumnElement[bool], max_attempts: int) -> None:

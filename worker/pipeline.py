@@ -31,9 +31,11 @@ from worker import eligibility
 from worker.embeddings import EmbeddingArchive
 from worker.jobs import Isolation, LeaseKeeper, LeaseLost, claim, fail, previous_attempt_died, still_owned
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
-from worker.ledger.db import utcnow
+from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.logging import log_context
+from worker.observability.metrics import observe_stage
 from worker.runtime import Runtime
 from worker.sweeper import DELIVER_TASK
 from worker.version import __version__
@@ -72,10 +74,11 @@ def run_job(rt: Runtime, job_id: int) -> None:
     A job whose previous attempt died with its worker runs alone in this process (see
     :class:`worker.jobs.Isolation`), so a poison study cannot take other studies down with it.
     """
-    with ISOLATION.hold(exclusive=previous_attempt_died(rt.ledger, job_id)):
-        deliveries = _claim_and_process(rt, job_id)
-    for delivery_id in deliveries:
-        rt.publish(DELIVER_TASK, delivery_id)
+    with log_context(job_id=job_id):
+        with ISOLATION.hold(exclusive=previous_attempt_died(rt.ledger, job_id)):
+            deliveries = _claim_and_process(rt, job_id)
+        for delivery_id in deliveries:
+            rt.publish(DELIVER_TASK, delivery_id)
 
 
 def _claim_and_process(rt: Runtime, job_id: int) -> list[int]:
@@ -102,6 +105,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
     with rt.ledger.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
+        structlog.contextvars.bind_contextvars(study_id=job.study_id)
         study_uid, revision = job.study.study_instance_uid, job.revision
         # in arrival order, so an image keeps its SC instance number when the study grows
         sources = [
@@ -146,6 +150,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         attempt = s.get(Attempt, attempt_id)
         assert attempt is not None
         attempt.finished_at, attempt.outcome = now, "SUCCEEDED"
+        processing_seconds = (now - as_utc(attempt.started_at)).total_seconds()
         study = s.get(Study, job.study_id)
         assert study is not None
         if study.revision == job.revision:
@@ -153,6 +158,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             study.note = None if eligible else "no eligible images"
         record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
                skipped=len(reasons), outputs=len(outputs), backend=engine.backend)
+    observe_stage("processing_to_results", processing_seconds)
     log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
     return delivery_ids
 

@@ -12,6 +12,7 @@ from engines import Engine, load
 from engines.batching import DynamicBatcher
 from worker import models
 from worker.ledger.db import Ledger
+from worker.observability.metrics import observe_batch
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -26,10 +27,14 @@ class Runtime:
     _batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def _key(self) -> str:
+        return f"{self.settings.model}|{self.settings.backend}"
+
     def engine(self) -> Engine:
         """The configured model, loaded once per process (the parity gate runs at load)."""
         with self._lock:
-            key = f"{self.settings.model}|{self.settings.backend}"
+            key = self._key
             if key not in self._engines:
                 bundle = models.bundle(self.settings, self.settings.model)
                 engine = load(bundle, backend=self.settings.backend)
@@ -38,14 +43,19 @@ class Runtime:
                 self._engines[key] = engine
             return self._engines[key]
 
+    def loaded_engine(self) -> Engine | None:
+        """The configured model if :meth:`engine` has loaded it; never loads it (readiness probes)."""
+        return self._engines.get(self._key)
+
     def batcher(self) -> DynamicBatcher:
         """The dynamic batcher in front of :meth:`engine`: one inference thread per loaded engine."""
         engine = self.engine()
         with self._lock:
-            key = f"{self.settings.model}|{self.settings.backend}"
+            key = self._key
             if key not in self._batchers:
                 self._batchers[key] = DynamicBatcher(
-                    engine, max_batch=self.settings.batch_max, max_wait_ms=self.settings.batch_max_wait_ms
+                    engine, max_batch=self.settings.batch_max, max_wait_ms=self.settings.batch_max_wait_ms,
+                    on_batch=observe_batch,
                 )
             return self._batchers[key]
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+#: Secret files are read from here when ``PLEURA_SECRETS_DIR`` is unset and the folder exists
+#: (Docker and Compose mount secrets there).
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
 _DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
 
@@ -41,7 +47,11 @@ class Destination:
 
 
 class Settings(BaseSettings):
-    """Everything Pleura reads at start-up. Environment beats the TOML file beats defaults."""
+    """Everything Pleura reads at start-up. Environment beats secret files beat the TOML file beats defaults.
+
+    A secret file is named after the variable (``pleura_database_url``, any case) and holds the
+    value; see :func:`secrets_dir` for where they are looked for.
+    """
 
     model_config = SettingsConfigDict(env_prefix="PLEURA_", extra="forbid")
     toml_file: ClassVar[Path | None] = None
@@ -78,6 +88,7 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = None
     tls_require_peer_cert: bool = True
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
 
@@ -139,9 +150,22 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        folder = secrets_dir()
+        if folder is not None:
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=folder))
         if cls.toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
         return tuple(sources)
+
+
+def secrets_dir() -> Path | None:
+    """The folder of secret files: ``$PLEURA_SECRETS_DIR``, else :data:`DEFAULT_SECRETS_DIR` if it exists."""
+    configured = os.environ.get("PLEURA_SECRETS_DIR")
+    if configured:
+        if not Path(configured).is_dir():
+            raise ValueError(f"PLEURA_SECRETS_DIR={configured} is not a directory")
+        return Path(configured)
+    return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

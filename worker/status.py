@@ -1,4 +1,4 @@
-"""Audit role, first view: recent studies with state, timings, findings and deliveries."""
+"""``pleura status``: recent studies with state, timings, findings and deliveries."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from worker.audit import human_seconds
 from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import Ledger, as_utc
 from worker.ledger.models import DeliveryState
@@ -74,27 +75,41 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Human-readable lines for ``pleura status``."""
+    """Aligned columns for ``pleura status``; what needs a look (errors, notes, deliveries not all
+    delivered, skipped images) on indented lines under its study."""
     if not rows:
         return "no studies received yet"
-    lines = []
+
+    headers = ["STUDY INSTANCE UID", "STATE", "REV", "IMG", "FROM", "MODEL", "POSITIVE", "SENT", "TIME TO RESULT"]
+    table = []
     for r in rows:
-        job = r["job"] or {}
-        deliveries = ", ".join(f"{k} {v}" for k, v in sorted(r["deliveries"].items())) or "-"
-        lines.append(
-            f"{r['study_instance_uid']}  {r['state']:<10} rev {r['revision']}  "
-            f"{r['instances']} inst from {','.join(r['calling_ae']) or '-'}  "
-            f"model {job.get('model') or '-'}  positive: {', '.join(r['positive_findings']) or 'none'}  "
-            f"deliveries: {deliveries}  time to result: "
-            f"{str(r['seconds_to_result']) + ' s' if r['seconds_to_result'] is not None else '-'}"
-        )
-        if job.get("error"):
-            lines.append(f"    error: {job['error']}")
-        if r["note"]:
-            lines.append(f"    note: {r['note']}")
-        for d in r["failed_deliveries"]:
-            lines.append(f"    delivery of {d['object']} to {d['destination']} FAILED after {d['attempts']} "
-                         f"attempts: {d['error']}")
-        for sop, reason in r["ineligible"].items():
-            lines.append(f"    skipped {sop}: {reason}")
+        sent = r["deliveries"].get(DeliveryState.DELIVERED, 0)
+        table.append(([r["study_instance_uid"], r["state"], str(r["revision"]), str(r["instances"]),
+                       ",".join(r["calling_ae"]) or "-", (r["job"] or {}).get("model") or "-",
+                       ", ".join(r["positive_findings"]) or "none", f"{sent}/{sum(r['deliveries'].values())}",
+                       human_seconds(r["seconds_to_result"])], _details(r)))
+    widths = [max(len(h), *(len(cells[i]) for cells, _ in table)) for i, h in enumerate(headers)]
+    right = {2, 3, 7, 8}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    lines = [line(headers)]
+    for cells, details in table:
+        lines += [line(cells), *(f"    {d}" for d in details)]
     return "\n".join(lines)
+
+
+def _details(r: dict[str, Any]) -> list[str]:
+    job = r["job"] or {}
+    lines = [f"error: {job['error']}"] if job.get("error") else []
+    if r["note"]:
+        lines.append(f"note: {r['note']}")
+    if set(r["deliveries"]) - {DeliveryState.DELIVERED}:
+        lines.append("deliveries: " + ", ".join(f"{k} {v}" for k, v in sorted(r["deliveries"].items())))
+    for d in r["failed_deliveries"]:
+        lines.append(f"delivery of {d['object']} to {d['destination']} FAILED after {d['attempts']} "
+                     f"attempts: {d['error']}")
+    lines += [f"skipped {sop}: {reason}" for sop, reason in r["ineligible"].items()]
+    return lines

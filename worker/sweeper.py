@@ -17,9 +17,10 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 
 from worker.ledger import Delivery, Job, Study
-from worker.ledger.db import Ledger, utcnow
+from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.observability.metrics import observe_stage
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +50,12 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
     now = utcnow()
     with ledger.session() as s:
         due = s.execute(
-            select(Study.id, Study.revision).where(
+            select(Study.id, Study.revision, Study.last_received_at).where(
                 Study.state == StudyState.RECEIVING,
                 Study.last_received_at < now - timedelta(seconds=quiet_seconds),
             )
         ).all()
-    for study_id, revision in due:
+    for study_id, revision, last_received_at in due:
         with ledger.session() as s:
             won = s.execute(
                 update(Study)
@@ -73,6 +74,8 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
                 s.flush()
                 record(s, "study_queued", study_id=study_id, job_id=job.id, revision=revision)
                 report.queued.append(job.id)
+        if won:
+            observe_stage("received_to_queued", (now - as_utc(last_received_at)).total_seconds())
 
     stale = now - timedelta(seconds=republish_seconds)
     with ledger.session() as s:

@@ -1,0 +1,104 @@
+"""Prometheus metrics of a Pleura process (``/metrics``); every name starts with ``pleura_``.
+
+Counters and histograms live in the process-wide default registry and are updated where
+things happen (intake, sweeper, jobs, pipeline, delivery, the dynamic batcher). The ledger
+gauges (studies by state, jobs and deliveries waiting) are read from the database at scrape
+time by :class:`LedgerCollector`; when the database does not answer, ``pleura_ledger_up`` is 0
+and the rest of the page is still served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.ledger import Delivery, Job, Study
+from worker.ledger.models import DeliveryState, JobState, StudyState
+
+#: The stages of a study, each timed from the ledger's own timestamps.
+STAGES = ("received_to_queued", "queued_to_processing", "processing_to_results", "results_to_delivered")
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+INSTANCES = Counter("pleura_instances_received", "C-STORE requests answered: accepted (new or changed), "
+                    "duplicate (identical resend) or refused (failure status)", ["outcome", "transfer_syntax"])
+RECEIVED_BYTES = Counter("pleura_received_bytes", "Encoded bytes of the instances answered Success")
+ASSOCIATIONS_ACTIVE = Gauge("pleura_associations_active", "Inbound DICOM associations open now")
+ASSOCIATIONS_REJECTED = Counter("pleura_associations_rejected", "Inbound associations refused, by reason",
+                                ["reason"])
+STAGE_SECONDS = Histogram("pleura_stage_seconds", "Time a study spent in each stage: received_to_queued "
+                          "(last instance to queued), queued_to_processing (to first claim), processing_to_results "
+                          "(claim to results committed), results_to_delivered (per delivery)",
+                          ["stage"], buckets=STAGE_BUCKETS)
+BATCH_SIZE = Histogram("pleura_inference_batch_size", "Images per engine call (dynamic batching)",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_SECONDS = Histogram("pleura_inference_batch_seconds", "Time of one engine call",
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DELIVERY_ATTEMPTS = Counter("pleura_delivery_attempts", "C-STORE tries of results: delivered, retry "
+                            "(will be tried again) or failed (the delivery ended FAILED)", ["outcome"])
+DELIVERY_FAILURES = Counter("pleura_delivery_failures", "Deliveries that ended FAILED, by reason", ["reason"])
+
+for _stage in STAGES:
+    STAGE_SECONDS.labels(_stage)
+for _outcome in ("delivered", "retry", "failed"):
+    DELIVERY_ATTEMPTS.labels(_outcome)
+for _reason in ("peer_refused", "horizon_passed"):
+    DELIVERY_FAILURES.labels(_reason)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    STAGE_SECONDS.labels(stage).observe(max(seconds, 0.0))
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    """The dynamic batcher's ``on_batch`` observer."""
+    BATCH_SIZE.observe(size)
+    BATCH_SECONDS.observe(seconds)
+
+
+class LedgerCollector(Collector):
+    """Studies by state and the work waiting, counted in the ledger at each scrape.
+
+    ``engine`` should carry short connect and statement timeouts (see
+    :func:`worker.observability.readiness.probe_engine`): a scrape must not hang on the database.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("pleura_ledger_up", "1 when the ledger answered this scrape, else 0")
+        try:
+            with self.engine.connect() as conn:
+                studies = dict(conn.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+                jobs = dict(conn.execute(select(Job.state, func.count())
+                                         .where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                                         .group_by(Job.state)).all())
+                deliveries = dict(conn.execute(
+                    select(Delivery.state, func.count())
+                    .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]))
+                    .group_by(Delivery.state)).all())
+        except SQLAlchemyError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield _by_state("pleura_studies", "Studies in the ledger by state", studies,
+                        (StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING, StudyState.DONE,
+                         StudyState.FAILED))
+        yield _by_state("pleura_jobs", "Queue depth: jobs waiting for a worker (QUEUED) or being processed "
+                        "(RUNNING)", jobs, (JobState.QUEUED, JobState.RUNNING))
+        yield _by_state("pleura_deliveries", "Deliveries waiting (PENDING, retries included) or being sent "
+                        "(SENDING)", deliveries, (DeliveryState.PENDING, DeliveryState.SENDING))
+
+
+def _by_state(name: str, documentation: str, counts: dict[str, int], states: tuple[str, ...]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["state"])
+    for state in dict.fromkeys([*states, *counts]):
+        family.add_metric([state], counts.get(state, 0))
+    return family
