@@ -208,9 +208,14 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
     from dicom_node.synthetic import TRANSFER_SYNTAXES, write_dataset_folder
+    from worker.progress import Progress
+
+    bar: Progress | None = None
 
     def report(done: int, total: int) -> None:
-        print(f"\r{done}/{total} written", end="\n" if done == total else "", file=sys.stderr)
+        nonlocal bar
+        bar = bar or Progress(total, "written")
+        bar.advance(done - bar.done)
 
     paths = write_dataset_folder(args.images, args.labels, args.out, limit=args.limit,
                                  modality=args.modality,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.progress import Progress
 from worker.settings import Settings
 
 IMAGE_COLUMNS = ("image", "Image Index", "image_name", "filename", "file")
@@ -121,9 +122,11 @@ def embed(settings: Settings, model: str, backend: str, table: LabelTable, cache
         engine = load(bundle, backend=backend)
         progress(f"running {bundle.name} {bundle.version} on {engine.backend} over {len(todo)} images "
                  f"({len(table.names) - len(todo)} cached)")
+        bar = Progress(len(todo), "images")
         for start in range(0, len(todo), 64):
             part = todo[start:start + 64]
             result = engine.infer([read_image(table.paths[i]) for i in part])
+            bar.advance(len(part))
             for i, e, p in zip(part, result.embeddings, result.probabilities, strict=True):
                 known[table.names[i]] = (e, p)
         cache.parent.mkdir(parents=True, exist_ok=True)
