@@ -1,8 +1,8 @@
 """The heatmap Secondary Capture: the source image, coloured localization maps, a legend.
 
 Layout (RGB, 8 bit): a yellow banner across the top saying "AI result - not for primary
-diagnosis"; below it the source image scaled so that its longest side is 1024 pixels,
-with the maps of the (at most three) most probable positive findings blended in, each in
+diagnosis"; below it the source image scaled down so that its longest side is at most 1024
+pixels (smaller images keep their size: enlarging adds no information), with the maps of the (at most three) most probable positive findings blended in, each in
 its own colour with a rectangle around its hot area (the same region the SR carries);
 to the right a legend panel with the model name and version and, per finding, the
 probability, the operating threshold and POSITIVE/negative.
@@ -120,7 +120,7 @@ def _display_gray(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _draw_image(pixels: np.ndarray, overlays: Sequence[FindingResult]) -> Image.Image:
     rows, columns = pixels.shape
-    scale = IMAGE_SIDE / max(rows, columns)
+    scale = min(1.0, IMAGE_SIDE / max(rows, columns))
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
     rgb = np.repeat(_display_gray(pixels, size)[..., None] * 255.0, 3, axis=2)
     for finding, colour in zip(overlays, OVERLAY_COLOURS, strict=False):
