@@ -183,7 +183,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
     ledger = Ledger(settings.effective_database_url)
     if not schema_is_current(ledger.engine):
         sys.exit("error: the database schema is not current; run `pleura db upgrade` first")
-    archive = EmbeddingArchive(ledger)
+    archive = EmbeddingArchive(ledger, settings.search_ef_search)
     try:
         if args.like:
             result = archive.like(args.like, args.limit, args.offset, args.bundle)

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     tls_require_peer_cert: bool = True
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+    search_ef_search: int = Field(400, ge=1, le=1000)
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
 

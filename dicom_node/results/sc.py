@@ -2,10 +2,11 @@
 
 Layout (RGB, 8 bit): a yellow banner across the top saying "AI result - not for primary
 diagnosis"; below it the source image scaled down so that its longest side is at most 1024
-pixels (smaller images keep their size: enlarging adds no information), with the maps of the (at most three) most probable positive findings blended in, each in
-its own colour with a rectangle around its hot area (the same region the SR carries);
-to the right a legend panel with the model name and version and, per finding, the
-probability, the operating threshold and POSITIVE/negative.
+pixels (smaller images keep their size: enlarging adds no information), with the maps of
+the (at most three) most probable positive findings blended in, each in its own colour
+with a rectangle around its hot area (the same region the SR carries); to the right a legend
+panel with the model name and version and, per finding, the probability, the operating
+threshold and POSITIVE/negative.
 """
 
 from __future__ import annotations

@@ -32,18 +32,47 @@ def _owned_dir(prefix: str, user: str) -> Path:
     return path
 
 
-class PrivatePostgres:
-    """A PostgreSQL cluster of our own (initdb + pg_ctl as ``postgres``); ``url`` names its database."""
+def _runs_as(user: str, binary: Path) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(binary)], check=False).returncode == 0
 
-    def __init__(self) -> None:
-        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-        if not bins or shutil.which("runuser") is None:
-            pytest.skip("PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed")
-        self.bin = bins[-1].parent
+
+def _reachable_copy(bin_dir: Path, into: Path) -> Path:
+    """A copy the ``postgres`` user can run of a relocatable install it cannot reach (pgserver's in a virtual
+    environment under /root, mode 0700): ``bin``, ``lib``, ``share``, and the wheel's ``<package>.libs`` at the
+    place its RPATH names (pgserver: ``$ORIGIN/../../../pgserver.libs``)."""
+    install = bin_dir.parent
+    package = install.parent
+    copy = into / "install" / package.name / install.name
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(install / part, copy / part, symlinks=True)
+    libs = package.with_name(f"{package.name}.libs")
+    if libs.is_dir():
+        shutil.copytree(libs, into / "install" / libs.name)
+    return copy / "bin"
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own (initdb + pg_ctl as ``postgres``); ``url`` names its database.
+
+    ``bin_dir`` picks the server binaries (e.g. pgserver's build, which has pgvector); by default
+    the newest Debian ones (/usr/lib/postgresql/*/bin).
+    """
+
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        if shutil.which("runuser") is None:
+            pytest.skip("runuser is not installed (PostgreSQL refuses to run as root)")
+        if bin_dir is None:
+            bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+            if not bins:
+                pytest.skip("PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed")
+            bin_dir = bins[-1].parent
+        self.bin = bin_dir
         self.dir = _owned_dir("pleura-pg-", "postgres")
         self.data = self.dir / "data"
         self.port = free_port()
         try:
+            if not _runs_as("postgres", bin_dir / "postgres"):
+                self.bin = _reachable_copy(bin_dir, self.dir)
             _as_user("postgres", [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                                   "--no-sync"])
             self.start()

@@ -1,16 +1,24 @@
-"""The embedding archive on SQLite and PostgreSQL: store, replace, search with vectors whose
-neighbour order is known by construction; pgvector where the server has the extension."""
+"""The embedding archive on SQLite, the shared PostgreSQL (exact search: no pgvector there) and a
+private PostgreSQL 16 with pgvector (tests/pgvector.py): store, replace, search with vectors whose
+neighbour order is known by construction; the HNSW index, its use by the planner, and its recall."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, event, func, select, text
 
+from tests.pgvector import pgvector_postgres
+from tests.reliability.services import PrivatePostgres
+from tests.worker.archived import archive_studies
 from worker.embeddings import EXACT, PGVECTOR, BundleMismatch, EmbeddingArchive, SearchError, UnknownUID
-from worker.ledger import Embedding, Instance, Job, Study
+from worker.embeddings.search import Query, search
+from worker.embeddings.vectors import unit
+from worker.ledger import Embedding, Instance, Job
 from worker.ledger.db import Ledger, upgrade, utcnow
 
 DIM = 16
@@ -20,37 +28,54 @@ E0, E1, E2 = np.eye(DIM, dtype=np.float32)[:3]
 def _add_study(ledger: Ledger, archive: EmbeddingArchive, name: str, vectors: list[np.ndarray],
                bundle: tuple[str, str] = ("demo", "0.1.0")) -> None:
     """Study ``name`` with one instance (``name.1``, ``name.2``...) per vector, stored by one job."""
-    now = utcnow()
-    with ledger.session() as s:
-        study = Study(study_instance_uid=name, state="DONE", revision=1, first_received_at=now, last_received_at=now)
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, revision=1, state="SUCCEEDED", created_at=now, attempts=1)
-        s.add(job)
-        instances = [Instance(study_id=study.id, sop_instance_uid=f"{name}.{n}", sop_class_uid="1.2",
-                              series_instance_uid=f"{name}.0", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                              spool_path="/dev/null", size_bytes=0, sha256="0" * 64, received_at=now)
-                     for n in range(1, len(vectors) + 1)]
-        s.add_all(instances)
-        s.flush()
-        archive.store(s, job_id=job.id, study_id=study.id, bundle_name=bundle[0], bundle_version=bundle[1],
-                      vectors=[(i.id, v) for i, v in zip(instances, vectors, strict=True)], now=now)
+    archive_studies(ledger, {name: vectors}, bundle)
 
 
 def _mix(*parts: tuple[float, np.ndarray]) -> np.ndarray:
     return sum(w * v for w, v in parts)  # type: ignore[return-value]
 
 
+@pytest.fixture(scope="module")
+def pgvector_cluster() -> Iterator[PrivatePostgres]:
+    """One private PostgreSQL 16 + pgvector cluster for this module's pgvector tests (about 1 s to start)."""
+    pg = pgvector_postgres()
+    yield pg
+    pg.close()
+
+
 @pytest.fixture
-def archive(db_url: str) -> Iterator[EmbeddingArchive]:
+def pgvector_url(pgvector_cluster: PrivatePostgres) -> Iterator[str]:
+    """A fresh, empty database on that cluster, dropped afterwards."""
+    name = f"pleura_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pgvector_cluster.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield pgvector_cluster.url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "pgvector"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite, the shared PostgreSQL (exact search unless it has pgvector) and PostgreSQL 16 with pgvector."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "pgvector_url")
+
+
+@pytest.fixture
+def archive(ledger_url: str) -> Iterator[EmbeddingArchive]:
     """An archive where, for a query along E0, studies rank B > E > C > D by construction.
 
     Vectors are stored unnormalised (the archive normalises). Cosine with E0: B 0.995,
     C 0.707, D 0, E's best image 0.894 (its other image -1). A holds the query image A.1 and a
     near-copy A.2; F is an exact copy of E0 but from another bundle version.
     """
-    upgrade(db_url)
-    ledger = Ledger(db_url)
+    upgrade(ledger_url)
+    ledger = Ledger(ledger_url)
     arch = EmbeddingArchive(ledger)
     _add_study(ledger, arch, "1.1.A", [3 * E0, _mix((1, E0), (0.01, E2))])
     _add_study(ledger, arch, "1.1.B", [_mix((1, E0), (0.1, E1))])
@@ -67,9 +92,11 @@ def _pg_has_vector(ledger: Ledger) -> bool:
         return conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")).first() is not None
 
 
-def test_backend_is_chosen_by_what_the_database_offers(archive: EmbeddingArchive) -> None:
-    engine = archive.ledger.engine
-    expected = PGVECTOR if engine.dialect.name == "postgresql" and _pg_has_vector(archive.ledger) else EXACT
+def test_backend_is_chosen_by_what_the_database_offers(archive: EmbeddingArchive,
+                                                       request: pytest.FixtureRequest) -> None:
+    kind = request.node.callspec.params["ledger_url"]
+    expected = {"sqlite": EXACT, "pgvector": PGVECTOR}.get(kind) or (
+        PGVECTOR if _pg_has_vector(archive.ledger) else EXACT)  # the shared server has no pgvector today
     assert archive.backend == expected
     assert archive.describe().startswith(expected)
 
@@ -129,31 +156,88 @@ def test_versions_are_separate_spaces_and_errors_are_clear(archive: EmbeddingArc
         archive.like("1.1.A", limit=0)
 
 
-def test_pgvector_path_uses_an_hnsw_index_per_dimension(pg_url: str) -> None:
-    probe = Ledger(pg_url)
+def _search_statements(ledger: Ledger, *calls: Callable[[], object]) -> list[tuple[str, dict]]:
+    """The pgvector search statements (SQL, parameters) that ``calls`` send to the server."""
+    seen: list[tuple[str, dict]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if "<=>" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(ledger.engine, "before_cursor_execute", record)
     try:
-        with probe.engine.connect() as conn:
-            available = conn.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
+        for call in calls:
+            call()
     finally:
-        probe.close()
-    if not available:
-        pytest.skip("the pgvector extension is not installed on this PostgreSQL server "
-                    "(pg_available_extensions has no 'vector'); the exact path is tested on PostgreSQL instead")
-    upgrade(pg_url)
-    ledger = Ledger(pg_url)
+        event.remove(ledger.engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_pgvector_migration_adds_the_extension_the_column_and_an_hnsw_index_per_dimension(
+        pgvector_url: str) -> None:
+    upgrade(pgvector_url)
+    ledger = Ledger(pgvector_url)
     try:
+        with ledger.engine.connect() as conn:
+            assert conn.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
+            assert conn.execute(text("SELECT udt_name FROM information_schema.columns WHERE table_name = 'embeddings' "
+                                     "AND column_name = 'pgvec'")).scalar() == "vector"
         arch = EmbeddingArchive(ledger)
         assert arch.backend == PGVECTOR
-        _add_study(ledger, arch, "1.1.A", [E0])
-        _add_study(ledger, arch, "1.1.B", [_mix((1, E0), (0.1, E1))])
-        _add_study(ledger, arch, "1.1.C", [_mix((1, E0), (1, E1)), E1])
-        _add_study(ledger, arch, "1.1.D", [E2])
-        hits = arch.like("1.1.A", limit=2).hits + arch.like("1.1.A", limit=2, offset=2).hits
-        assert [h.study_instance_uid for h in hits] == ["1.1.B", "1.1.C", "1.1.D"]
-        assert [h.score for h in hits] == pytest.approx([1 / np.sqrt(1.01), 1 / np.sqrt(2), 0.0], abs=1e-5)
+        _add_study(ledger, arch, "1.1.A", [E0, E1])
+        _add_study(ledger, arch, "1.1.B", [np.ones(8)], bundle=("small", "1"))
         with ledger.engine.connect() as conn:
-            index = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
-                                 {"n": f"ix_embeddings_pgvec_hnsw_{DIM}"}).scalar()
-        assert index is not None and "hnsw" in index and f"dim = {DIM}" in index
+            indexes = dict(conn.execute(text("SELECT indexname, indexdef FROM pg_indexes "
+                                             "WHERE tablename = 'embeddings' AND indexdef LIKE '%hnsw%'")).all())
+            stored = conn.execute(text("SELECT vector_dims(pgvec) FROM embeddings ORDER BY id")).scalars().all()
+        assert stored == [DIM, DIM, 8]
+        assert sorted(indexes) == [f"ix_embeddings_pgvec_hnsw_{DIM}", "ix_embeddings_pgvec_hnsw_8"]
+        for dim in (DIM, 8):
+            assert (f"USING hnsw (((pgvec)::vector({dim})) vector_cosine_ops) WHERE (dim = {dim})"
+                    in indexes[f"ix_embeddings_pgvec_hnsw_{dim}"])
+    finally:
+        ledger.close()
+
+
+def test_pgvector_search_uses_the_hnsw_index_and_finds_the_exact_top_10(pgvector_url: str) -> None:
+    """400 random 160-d vectors (the demo bundle's dimension), one study each, 20 random queries."""
+    dim, k = 160, 10
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(400, dim)).astype(np.float32)
+    names = [f"1.2.{n}" for n in range(len(vectors))]
+    upgrade(pgvector_url)
+    ledger = Ledger(pgvector_url)
+    try:
+        arch = EmbeddingArchive(ledger)
+        archive_studies(ledger, {name: [v] for name, v in zip(names, vectors, strict=True)})
+        with ledger.engine.connect() as conn:
+            conn.execute(text("ANALYZE embeddings"))  # as autovacuum would; a table never analysed looks empty
+            conn.commit()
+        # ef_search 40, so the candidate list (LIMIT) is a tenth of the table: with the default 400
+        # the planner rightly scans all 400 rows instead (exact, and cheaper at this size)
+        narrow = EmbeddingArchive(ledger, ef_search=40)
+        statements = _search_statements(ledger, lambda: narrow.like("1.2.0"),
+                                        lambda: narrow.nearest(vectors[1], "demo", "0.1.0"))
+        assert len(statements) == 2
+        with ledger.engine.connect() as conn:
+            for sql, params in statements:
+                plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, params).scalars())
+                assert f"Index Scan using ix_embeddings_pgvec_hnsw_{dim} on embeddings" in plan, plan
+
+        units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        recalls = []
+        for q in rng.normal(size=(20, dim)):
+            cosine = units @ unit(q)
+            truth = [names[i] for i in np.argsort(-cosine)[:k]]
+            with ledger.session() as s:
+                exact = search(s, EXACT, Query(unit(q), "demo", "0.1.0"), k, 0).hits
+            assert [h.study_instance_uid for h in exact] == truth
+            approximate = arch.nearest(q, "demo", "0.1.0", limit=k).hits
+            assert [h.score for h in approximate] == pytest.approx(
+                [cosine[names.index(h.study_instance_uid)] for h in approximate], abs=1e-5)
+            recalls.append(len({h.study_instance_uid for h in approximate} & set(truth)) / k)
+        print(f"pgvector HNSW recall@{k} against exact search, 400 x {dim}-d, 20 queries: "
+              f"mean {np.mean(recalls):.3f}, min {min(recalls):.1f}")
+        assert np.mean(recalls) >= 0.9
     finally:
         ledger.close()

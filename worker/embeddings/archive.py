@@ -27,8 +27,9 @@ _REPLACED = ("study_id", "job_id", "dim", "vector", "created_at")
 class EmbeddingArchive:
     """``store`` in the pipeline's transaction; ``like``, ``nearest`` and ``text`` for search."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, ef_search: int = search.DEFAULT_EF_SEARCH) -> None:
         self.ledger = ledger
+        self.ef_search = ef_search
 
     @cached_property
     def backend(self) -> str:
@@ -44,7 +45,8 @@ class EmbeddingArchive:
     def describe(self) -> str:
         """The backend and why it was chosen, for people."""
         if self.backend == PGVECTOR:
-            return "pgvector: cosine distance (<=>) with an HNSW index per dimension (approximate)"
+            return (f"pgvector: cosine distance (<=>) with an HNSW index per dimension (approximate, "
+                    f"ef_search >= {self.ef_search})")
         if self.ledger.engine.dialect.name == "postgresql":
             return "exact: PostgreSQL without the vector extension, numpy over float32 arrays"
         return f"exact: {self.ledger.engine.dialect.name}, numpy over float32 arrays"
@@ -76,14 +78,15 @@ class EmbeddingArchive:
              version: str | None = None) -> search.SearchResult:
         """Studies nearest to a study (mean of its images) or an image, its own study left out."""
         with self.ledger.session() as s:
-            return search.search(s, self.backend, search.resolve(s, uid, bundle, version), limit, offset)
+            return search.search(s, self.backend, search.resolve(s, uid, bundle, version), limit, offset,
+                                 self.ef_search)
 
     def nearest(self, vector: np.ndarray, bundle_name: str, bundle_version: str, limit: int = 10,
                 offset: int = 0) -> search.SearchResult:
         """Studies nearest to ``vector`` in the space of one bundle version."""
         query = search.Query(unit(vector), bundle_name, bundle_version)
         with self.ledger.session() as s:
-            return search.search(s, self.backend, query, limit, offset)
+            return search.search(s, self.backend, query, limit, offset, self.ef_search)
 
 
     def text(self, bundle: Bundle, query: str, limit: int = 10, offset: int = 0) -> search.SearchResult:
