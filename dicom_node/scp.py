@@ -57,6 +57,10 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     uid.JPEGBaseline8Bit,
 ]
 
+#: Largest P-DATA PDU we ask peers to send (PS3.8 D.1). pynetdicom handles each PDU in Python: with
+#: its default 16 KiB, 32 x 12 MB over 4 associations took 3.0 s; with 1 MiB 2.0 s (bench.ingest).
+MAXIMUM_PDU_SIZE = 1048576
+
 #: A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
@@ -175,6 +179,7 @@ class StorageSCP:
         self.ae.acse_timeout = self.policy.acse_timeout
         self.ae.dimse_timeout = self.policy.dimse_timeout
         self.ae.network_timeout = self.policy.network_timeout
+        self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)

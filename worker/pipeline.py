@@ -7,6 +7,7 @@ written in one finishing transaction, and only while this worker's lease holds.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -121,9 +122,15 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         ).first()
         previous_sr_path = previous_sr.path if previous_sr else None
 
+    t0 = time.perf_counter()
     eligible, reasons = _gate(sources, engine.bundle.intended_use)
+    t1 = time.perf_counter()
     results, embeddings = _infer(rt.batcher(), engine, eligible)
+    t2 = time.perf_counter()
     outputs = _build_outputs(rt, engine, study_uid, revision, results, eligible, previous_sr_path)
+    # seconds per step, for the audit trail: read+decode, preprocess+inference, SR/SC build+write
+    timings = {"decode_s": round(t1 - t0, 4), "inference_s": round(t2 - t1, 4),
+               "build_s": round(time.perf_counter() - t2, 4)}
 
     now = utcnow()
     with rt.ledger.session() as s:
@@ -157,7 +164,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             study.state, study.done_at = StudyState.DONE, now
             study.note = None if eligible else "no eligible images"
         record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
-               skipped=len(reasons), outputs=len(outputs), backend=engine.backend)
+               skipped=len(reasons), outputs=len(outputs), backend=engine.backend, timings=timings)
     observe_stage("processing_to_results", processing_seconds)
     log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
     return delivery_ids

@@ -1,0 +1,317 @@
+"""Ingest throughput: Pleura's listener against DCMTK storescp and Orthanc, same files, same machine.
+
+    .venv/bin/python -m bench.ingest [--files 32] [--syntaxes explicit,j2k,jpegls] [--associations 1,4]
+        [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--broker URL]
+        [--data build/ingest-data] [--out bench/results]
+
+Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their
+original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax
+(``explicit``: Explicit VR Little Endian, ``j2k``: JPEG 2000 lossless, ``jpegls``: JPEG-LS
+lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file
+in its own transfer syntax, never decompressed), one process per association, the files split
+evenly among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1:
+``pleura`` is ``pleura listen --no-sweeper`` in production mode (ledger on a fresh PostgreSQL
+database at ``--pg-admin``, migrated with ``pleura db upgrade``; ``--broker`` is only needed for
+start-up, nothing is published), which fsyncs each file and commits its ledger row before
+answering Success; ``storescp`` is DCMTK's ``storescp --fork +xa -od DIR`` (a process per
+association, no fsync); ``orthanc`` is Orthanc with its default SQLite index and file storage.
+Timed: from starting the senders to the last sender's exit. Afterwards the count of instances
+kept is checked against the count sent (ledger rows, files, Orthanc's /statistics); a run that
+falls short fails the benchmark. MB/s counts file bytes (10^6). Each case runs ``--repeats``
+times; the median wall time is reported, with ratios Pleura/storescp and Pleura/Orthanc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+PLEURA = str(Path(sys.executable).with_name("pleura"))
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
+RECEIVERS = ("pleura", "storescp", "orthanc")
+SYNTAX_NAMES = {"explicit": "Explicit VR LE", "j2k": "JPEG 2000 lossless", "jpegls": "JPEG-LS lossless"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited early:\n{log.read_text(errors='replace')[-3000:]}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} not open after {timeout} s")
+
+
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "ab") as fh:
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def dataset(cache: Path, syntax: str, files: int) -> list[Path]:
+    """``files`` full-size chest X-rays in ``syntax``, generated into ``cache/syntax`` unless already there."""
+    folder = cache / f"{syntax}-{files}"
+    if not folder.is_dir() or len(list(folder.glob("*.dcm"))) < files:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {files} {syntax} files into {folder}", file=sys.stderr, flush=True)
+        subprocess.run([PLEURA, "synth", "--images", str(NIH / "images"), "--labels", str(NIH / "labels.csv"),
+                        "--out", str(folder), "--limit", str(files), "--transfer-syntax", syntax],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return sorted(folder.glob("*.dcm"))[:files]
+
+
+# --- receivers: each yields (port, called AE, count of instances kept) ------------------------------
+
+
+Receiver = Iterator[tuple[int, str, Callable[[], int]]]
+
+
+@contextmanager
+def pleura(workdir: Path, pg_admin: str, broker: str) -> Receiver:
+    name = f"pleura_ingest_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_admin.rsplit("/", 1)[0] + f"/{name}"
+    port = _free_port()
+    env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
+           "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20"}
+    ledger = create_engine(url)
+    proc = None
+    try:
+        subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True)
+        proc = _start([PLEURA, "listen", "--no-sweeper"], workdir / "pleura.log", env)
+        _wait_port(port, proc, workdir / "pleura.log")
+
+        def count() -> int:
+            with ledger.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar() or 0)
+
+        yield port, "PLEURA", count
+    finally:
+        if proc is not None:
+            _stop(proc)
+        ledger.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def storescp(workdir: Path) -> Receiver:
+    port, out = _free_port(), workdir / "storescp"
+    out.mkdir()
+    proc = _start(["storescp", "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+                  workdir / "storescp.log")
+    try:
+        _wait_port(port, proc, workdir / "storescp.log")
+        yield port, "STORESCP", lambda: sum(1 for p in out.iterdir() if p.is_file())
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Receiver:
+    http, port = _free_port(), _free_port()
+    config = {"Name": "bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
+              "HttpPort": http, "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
+              "Plugins": []}
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    proc = _start(["Orthanc", str(workdir / "orthanc.json")], workdir / "orthanc.log")
+
+    def count() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as response:
+            return int(json.loads(response.read())["CountInstances"])
+
+    try:
+        _wait_port(http, proc, workdir / "orthanc.log")
+        _wait_port(port, proc, workdir / "orthanc.log")
+        yield port, "ORTHANC", count
+    finally:
+        _stop(proc)
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+def send(port: int, called_ae: str, files: list[Path], associations: int) -> float:
+    """dcmsend ``files`` over ``associations`` parallel processes; seconds until the last one exits."""
+    parts = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["dcmsend", "-aet", "BENCH", "-aec", called_ae, "-dn", "-nh", "127.0.0.1", str(port),
+                               *map(str, part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for part in parts if part]
+    errors = [p.communicate(600)[1] for p in procs]
+    wall = time.perf_counter() - started
+    failed = [e.decode(errors="replace")[-500:] for p, e in zip(procs, errors, strict=True) if p.returncode]
+    if failed:
+        raise RuntimeError(f"dcmsend failed: {failed[0]}")
+    return wall
+
+
+def run_once(receiver: str, files: list[Path], associations: int, args: argparse.Namespace) -> float:
+    with tempfile.TemporaryDirectory(prefix="pleura-ingest-", dir=args.tmp) as tmp:
+        workdir = Path(tmp)
+        start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.broker),
+                 "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir)}[receiver]
+        with start() as (port, called_ae, count):
+            wall = send(port, called_ae, files, associations)
+            kept = count()
+        if kept != len(files):
+            raise RuntimeError(f"{receiver} kept {kept} of {len(files)} instances")
+        return wall
+
+
+def measure(syntax: str, files: list[Path], associations: int, receiver: str, args: argparse.Namespace) -> dict:
+    size = sum(p.stat().st_size for p in files)
+    walls = []
+    for _ in range(args.repeats):
+        walls.append(run_once(receiver, files, associations, args))
+        print(f"  {receiver:8} {syntax:8} x{associations}: {walls[-1]:.2f} s", file=sys.stderr, flush=True)
+    wall = statistics.median(walls)
+    return {"receiver": receiver, "syntax": syntax, "associations": associations, "files": len(files),
+            "megabytes": round(size / 1e6, 1), "wall_seconds": [round(w, 3) for w in walls],
+            "median_seconds": round(wall, 3), "mb_per_s": round(size / 1e6 / wall, 1),
+            "instances_per_s": round(len(files) / wall, 2)}
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    by = {(r["receiver"], r["syntax"], r["associations"]): r["mb_per_s"] for r in runs}
+    out = []
+    for (receiver, syntax, assoc), rate in by.items():
+        if receiver != "pleura":
+            continue
+        row: dict[str, Any] = {"syntax": syntax, "associations": assoc}
+        for other in ("storescp", "orthanc"):
+            if (other, syntax, assoc) in by:
+                row[f"pleura_over_{other}"] = round(rate / by[(other, syntax, assoc)], 2)
+        out.append(row)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report["plot_note"] = "matplotlib is not installed: no plot"
+        return
+    assocs = sorted({r["associations"] for r in report["runs"]})
+    syntaxes = list(dict.fromkeys(r["syntax"] for r in report["runs"]))
+    receivers = [r for r in RECEIVERS if any(x["receiver"] == r for x in report["runs"])]
+    fig, axes = plt.subplots(1, len(assocs), figsize=(5.5 * len(assocs), 4.2), squeeze=False, sharey=True)
+    width = 0.8 / max(len(receivers), 1)
+    for ax, assoc in zip(axes[0], assocs, strict=True):
+        for i, receiver in enumerate(receivers):
+            values = [next((r["mb_per_s"] for r in report["runs"] if (r["receiver"], r["syntax"],
+                            r["associations"]) == (receiver, s, assoc)), 0) for s in syntaxes]
+            bars = ax.bar([x + i * width for x in range(len(syntaxes))], values, width, label=receiver)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks([x + width * (len(receivers) - 1) / 2 for x in range(len(syntaxes))],
+                      [SYNTAX_NAMES.get(s, s) for s in syntaxes], fontsize=8)
+        ax.set_title(f"{assoc} association{'s' if assoc > 1 else ''} (dcmsend)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("MB/s of DICOM files received")
+    axes[0][0].legend()
+    fig.suptitle(f"Ingest, {report['runs'][0]['files']} full-size chest X-rays, median of {report['repeats']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    def first_line(*cmd: str) -> str:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        return lines[0].strip("$ ") if lines else "?"
+
+    versions = {p: importlib.metadata.version(p) for p in ("pynetdicom", "pydicom", "sqlalchemy")}
+    versions.update(python=platform.python_version(), dcmtk=first_line("storescp", "--version"),
+                    orthanc=first_line("Orthanc", "--version"))
+    return versions
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=32)
+    parser.add_argument("--syntaxes", default="explicit,j2k,jpegls")
+    parser.add_argument("--associations", default="1,4")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pg-admin", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--data", type=Path, default=Path("build/ingest-data"))
+    parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m bench.ingest", *(argv if argv is not None else sys.argv[1:])]),
+        "method": __doc__.split("\n\n", 2)[2].strip().replace("\n", " "),
+        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                 "load_average_1m_at_start": os.getloadavg()[0]},
+        "versions": _versions(), "repeats": args.repeats, "runs": [],
+    }
+    for syntax in args.syntaxes.split(","):
+        files = dataset(args.data, syntax, args.files)
+        for assoc in (int(a) for a in args.associations.split(",")):
+            for receiver in args.receivers.split(","):
+                report["runs"].append(measure(syntax, files, assoc, receiver, args))
+    report["ratios"] = ratios(report["runs"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(report, args.out / "ingest.png")
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    report["host"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    (args.out / "ingest.json").write_text(json.dumps(report, indent=2) + "\n")
+    for row in report["ratios"]:
+        print(json.dumps(row), file=sys.stderr)
+    print(f"[{report['wall_seconds']} s] wrote {args.out / 'ingest.json'} and ingest.png", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
