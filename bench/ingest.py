@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,16 +43,12 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
+from bench.common import free_port, host, postgres_db
+
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
 RECEIVERS = ("pleura", "storescp", "orthanc")
 SYNTAX_NAMES = {"explicit": "Explicit VR LE", "j2k": "JPEG 2000 lossless", "jpegls": "JPEG-LS lossless"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -108,38 +103,31 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 @contextmanager
 def pleura(workdir: Path, pg_admin: str, broker: str) -> Receiver:
-    name = f"pleura_ingest_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_admin.rsplit("/", 1)[0] + f"/{name}"
-    port = _free_port()
-    env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
-           "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20"}
-    ledger = create_engine(url)
-    proc = None
-    try:
-        subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True)
-        proc = _start([PLEURA, "listen", "--no-sweeper"], workdir / "pleura.log", env)
-        _wait_port(port, proc, workdir / "pleura.log")
+    with postgres_db(pg_admin, "pleura_ingest") as url:
+        port = free_port()
+        env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
+               "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20"}
+        ledger = create_engine(url)
+        proc = None
+        try:
+            subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True)
+            proc = _start([PLEURA, "listen", "--no-sweeper"], workdir / "pleura.log", env)
+            _wait_port(port, proc, workdir / "pleura.log")
 
-        def count() -> int:
-            with ledger.connect() as conn:
-                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar() or 0)
+            def count() -> int:
+                with ledger.connect() as conn:
+                    return int(conn.execute(text("SELECT count(*) FROM instances")).scalar() or 0)
 
-        yield port, "PLEURA", count
-    finally:
-        if proc is not None:
-            _stop(proc)
-        ledger.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+            yield port, "PLEURA", count
+        finally:
+            if proc is not None:
+                _stop(proc)
+            ledger.dispose()
 
 
 @contextmanager
 def storescp(workdir: Path) -> Receiver:
-    port, out = _free_port(), workdir / "storescp"
+    port, out = free_port(), workdir / "storescp"
     out.mkdir()
     proc = _start(["storescp", "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
                   workdir / "storescp.log")
@@ -152,7 +140,7 @@ def storescp(workdir: Path) -> Receiver:
 
 @contextmanager
 def orthanc(workdir: Path) -> Receiver:
-    http, port = _free_port(), _free_port()
+    http, port = free_port(), free_port()
     config = {"Name": "bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
               "HttpPort": http, "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
@@ -292,8 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict[str, Any] = {
         "command": " ".join(["python -m bench.ingest", *(argv if argv is not None else sys.argv[1:])]),
         "method": __doc__.split("\n\n", 2)[2].strip().replace("\n", " "),
-        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "load_average_1m_at_start": os.getloadavg()[0]},
+        "host": host(),
         "versions": _versions(), "repeats": args.repeats, "runs": [],
     }
     for syntax in args.syntaxes.split(","):

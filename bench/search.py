@@ -29,14 +29,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -46,6 +43,7 @@ import numpy as np
 from sqlalchemy import create_engine, event, insert, text
 from sqlalchemy.exc import OperationalError
 
+from bench.common import free_port, host, postgres_db
 from worker.embeddings import EXACT, EmbeddingArchive
 from worker.embeddings.search import DEFAULT_EF_SEARCH
 from worker.embeddings.vectors import unit
@@ -67,21 +65,6 @@ def sqlite_db() -> Iterator[str]:
         yield f"sqlite:///{tmp}/ledger.db"
 
 
-@contextmanager
-def postgres_db(admin_url: str) -> Iterator[str]:
-    """A fresh database on an existing server, dropped afterwards."""
-    name = f"pleura_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def pgserver_bin() -> Path:
     """pgserver's PostgreSQL binaries, found without importing the package."""
     spec = importlib.util.find_spec("pgserver")
@@ -101,7 +84,7 @@ def pgvector_db() -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix="pleura-bench-pg-"))
     if as_user:
         shutil.chown(home, "postgres")
-    port = _free_port()
+    port = free_port()
 
     def run(*args: str) -> None:
         done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, check=False)
@@ -118,12 +101,6 @@ def pgvector_db() -> Iterator[str]:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120, check=False)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- what is stored --------------------------------------------------------------------------------
@@ -383,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": " ".join(["python -m bench.search", *(argv if argv is not None else sys.argv[1:])]),
         "method": __doc__.split("\n\n", 2)[2].strip().replace("\n", " "),
-        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "load_average_1m_at_start": os.getloadavg()[0]},
+        "host": host(),
         "versions": {p: importlib.metadata.version(p) for p in ("numpy", "sqlalchemy", "psycopg2-binary")
                      if _installed(p)},
         "data": [], "sizes": sizes, "k": K, "hnsw_ef_search": DEFAULT_EF_SEARCH, "runs": [], "skipped": {},

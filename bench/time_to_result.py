@@ -49,7 +49,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from bench.search import _free_port, postgres_db
+from bench.common import free_port, postgres_db
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 SR_MODALITY = "SR"
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         broker = stack.enter_context(rabbitmq_vhost(args.rabbitmq_host))
         received = tmp / "received"
         received.mkdir()
-        dest_port, port = _free_port(), _free_port()
+        dest_port, port = free_port(), free_port()
         dest_proc = stack.enter_context(process(["storescp", "-aet", "DEST", "-od", str(received), "-uf", "+xa",
                                                  str(dest_port)], tmp / "storescp.log"))
         wait_port(dest_port, dest_proc)

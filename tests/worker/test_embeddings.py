@@ -208,7 +208,6 @@ def test_pgvector_search_uses_the_hnsw_index_and_finds_the_exact_top_10(pgvector
     upgrade(pgvector_url)
     ledger = Ledger(pgvector_url)
     try:
-        arch = EmbeddingArchive(ledger)
         archive_studies(ledger, {name: [v] for name, v in zip(names, vectors, strict=True)})
         with ledger.engine.connect() as conn:
             conn.execute(text("ANALYZE embeddings"))  # as autovacuum would; a table never analysed looks empty
@@ -232,7 +231,7 @@ def test_pgvector_search_uses_the_hnsw_index_and_finds_the_exact_top_10(pgvector
             with ledger.session() as s:
                 exact = search(s, EXACT, Query(unit(q), "demo", "0.1.0"), k, 0).hits
             assert [h.study_instance_uid for h in exact] == truth
-            approximate = arch.nearest(q, "demo", "0.1.0", limit=k).hits
+            approximate = narrow.nearest(q, "demo", "0.1.0", limit=k).hits  # through the HNSW index
             assert [h.score for h in approximate] == pytest.approx(
                 [cosine[names.index(h.study_instance_uid)] for h in approximate], abs=1e-5)
             recalls.append(len({h.study_instance_uid for h in approximate} & set(truth)) / k)

@@ -1,0 +1,40 @@
+"""Pieces the benchmarks share: free ports, throw-away PostgreSQL databases, the host record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def postgres_db(admin_url: str, prefix: str = "pleura_bench") -> Iterator[str]:
+    """A fresh database on an existing server, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def host() -> dict[str, Any]:
+    """The machine a benchmark ran on, with its load when it started."""
+    return {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "load_average_1m_at_start": os.getloadavg()[0]}
