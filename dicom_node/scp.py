@@ -25,7 +25,7 @@ import structlog
 from pydicom import dcmread, uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.spool import InvalidUID, Spool, SpoolFull
 
@@ -347,7 +347,7 @@ class _Server(ThreadedAssociationServer):
     scp: StorageSCP
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, request_handler=_RequestHandler, **kwargs)  # type: ignore[arg-type]
         self._watchdogs: dict[tuple, tuple[threading.Timer, socket.socket]] = {}
         self._watch_lock = threading.Lock()
 
@@ -395,6 +395,36 @@ class _Server(ThreadedAssociationServer):
         entry[0].cancel()
         _close(entry[1], shutdown=False)
         return True
+
+
+class _BulkReadSocket(AssociationSocket):
+    """pynetdicom's socket, but a PDU is read with as few system calls as the kernel allows.
+
+    pynetdicom reads in 4 KiB pieces, each a system call that releases and retakes the GIL: 32 x
+    12 MB over 4 associations cost 3.0 s of listener CPU; read into one buffer, 2.1 s (bench.ingest).
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` bytes, or fewer if the peer closed the connection first (as pynetdicom's)."""
+        data = bytearray(nr_bytes)
+        read = 0
+        with memoryview(data) as view:
+            while read < nr_bytes:
+                count = self.socket.recv_into(view[read:], nr_bytes - read)  # type: ignore[union-attr]
+                if not count:
+                    break
+                read += count
+        del data[read:]
+        return data
+
+
+class _RequestHandler(RequestHandler):
+    """Gives each association a :class:`_BulkReadSocket`."""
+
+    def _create_association(self):  # type: ignore[no-untyped-def]
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _BulkReadSocket  # same state, faster recv
+        return assoc
 
 
 def _close(sock: socket.socket, shutdown: bool) -> None:
