@@ -1,10 +1,12 @@
-"""Pieces the benchmarks share: free ports, throw-away PostgreSQL databases, the host record."""
+"""Pieces the benchmarks share: free ports, throw-away PostgreSQL databases and RabbitMQ virtual hosts,
+the host record."""
 
 from __future__ import annotations
 
 import os
 import platform
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +34,19 @@ def postgres_db(admin_url: str, prefix: str = "pleura_bench") -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextmanager
+def rabbitmq_vhost(host: str) -> Iterator[str]:
+    """A fresh virtual host on the local RabbitMQ node (guest allowed), deleted afterwards."""
+    name = f"pleura_bench_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"amqp://guest:guest@{host}/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60, check=False)
 
 
 def host() -> dict[str, Any]:

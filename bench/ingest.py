@@ -1,24 +1,25 @@
 """Ingest throughput: Pleura's listener against DCMTK storescp and Orthanc, same files, same machine.
 
     .venv/bin/python -m bench.ingest [--files 32] [--syntaxes explicit,j2k,jpegls] [--associations 1,4]
-        [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--broker URL]
+        [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672]
         [--data build/ingest-data] [--out bench/results]
 
 Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their
 original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax
 (``explicit``: Explicit VR Little Endian, ``j2k``: JPEG 2000 lossless, ``jpegls``: JPEG-LS
-lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file
-in its own transfer syntax, never decompressed), one process per association, the files split
-evenly among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1:
-``pleura`` is ``pleura listen --no-sweeper`` in production mode (ledger on a fresh PostgreSQL
-database at ``--pg-admin``, migrated with ``pleura db upgrade``; ``--broker`` is only needed for
-start-up, nothing is published), which fsyncs each file and commits its ledger row before
-answering Success; ``storescp`` is DCMTK's ``storescp --fork +xa -od DIR`` (a process per
-association, no fsync); ``orthanc`` is Orthanc with its default SQLite index and file storage.
-Timed: from starting the senders to the last sender's exit. Afterwards the count of instances
-kept is checked against the count sent (ledger rows, files, Orthanc's /statistics); a run that
-falls short fails the benchmark. MB/s counts file bytes (10^6). Each case runs ``--repeats``
-times; the median wall time is reported, with ratios Pleura/storescp and Pleura/Orthanc.
+lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in
+its own transfer syntax, never decompressed), one process per association, the files split evenly
+among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` is
+``pleura listen --no-sweeper`` in production mode (ledger on a fresh PostgreSQL database at
+``--pg-admin``, migrated with ``pleura db upgrade``; a fresh RabbitMQ virtual host on
+``--rabbitmq-host`` takes the prepare-on-arrival hints it publishes, which nothing consumes here),
+which fsyncs each file and commits its ledger row before answering Success; ``storescp`` is DCMTK's
+``storescp --fork +xa -od DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with
+its default SQLite index and file storage. Timed: from starting the senders to the last sender's
+exit. Afterwards the count of instances kept is checked against the count sent (ledger rows, files,
+Orthanc's /statistics); a run that falls short fails the benchmark. MB/s counts file bytes (10^6).
+Each case runs ``--repeats`` times; the median wall time is reported, with ratios Pleura/storescp
+and Pleura/Orthanc.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
-from bench.common import free_port, host, postgres_db
+from bench.common import free_port, host, postgres_db, rabbitmq_vhost
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
@@ -102,8 +103,8 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 
 @contextmanager
-def pleura(workdir: Path, pg_admin: str, broker: str) -> Receiver:
-    with postgres_db(pg_admin, "pleura_ingest") as url:
+def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str) -> Receiver:
+    with postgres_db(pg_admin, "pleura_ingest") as url, rabbitmq_vhost(rabbitmq_host) as broker:
         port = free_port()
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20"}
@@ -181,7 +182,7 @@ def send(port: int, called_ae: str, files: list[Path], associations: int) -> flo
 def run_once(receiver: str, files: list[Path], associations: int, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory(prefix="pleura-ingest-", dir=args.tmp) as tmp:
         workdir = Path(tmp)
-        start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.broker),
+        start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host),
                  "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir)}[receiver]
         with start() as (port, called_ae, count):
             wall = send(port, called_ae, files, associations)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--receivers", default=",".join(RECEIVERS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pg-admin", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--rabbitmq-host", default="127.0.0.1:5672")
     parser.add_argument("--data", type=Path, default=Path("build/ingest-data"))
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

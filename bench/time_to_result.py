@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,7 +48,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from bench.common import free_port, postgres_db
+from bench.common import free_port, postgres_db, rabbitmq_vhost
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 SR_MODALITY = "SR"
@@ -59,19 +58,6 @@ STAGES = ("quiet_s", "wait_s", "decode_s", "inference_s", "build_s", "other_s", 
 
 
 # --- the stack ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def rabbitmq_vhost(host: str) -> Iterator[str]:
-    """A fresh virtual host on the local RabbitMQ node (guest allowed), deleted afterwards."""
-    name = f"pleura_bench_{uuid.uuid4().hex[:10]}"
-    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
-    try:
-        subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                       check=True, capture_output=True, timeout=60)
-        yield f"amqp://guest:guest@{host}/{name}"
-    finally:
-        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60, check=False)
 
 
 @contextmanager
