@@ -5,17 +5,20 @@ from __future__ import annotations
 import structlog
 from celery import Celery, signals
 
-from worker import delivery, pipeline, runtime
+from worker import delivery, pipeline, prepare, runtime
 from worker.logging import log_context
 from worker.settings import Settings
-from worker.sweeper import DELIVER_TASK, PROCESS_TASK
+from worker.sweeper import DELIVER_TASK, PREPARE_TASK, PROCESS_TASK
 
 log = structlog.get_logger(__name__)
 
 QUEUE = "pleura"
 #: Deliveries have their own queue so that results never wait behind a backlog of inference.
 DELIVERY_QUEUE = "pleura-delivery"
-QUEUES = [QUEUE, DELIVERY_QUEUE]
+#: Decode + inference of each image on arrival (hints): a backlog of them never sits in front of a job.
+PREPARE_QUEUE = "pleura-prepare"
+QUEUES = [QUEUE, DELIVERY_QUEUE, PREPARE_QUEUE]
+_ROUTES = {DELIVER_TASK: DELIVERY_QUEUE, PREPARE_TASK: PREPARE_QUEUE}
 
 app = Celery("pleura")
 app.conf.update(
@@ -50,16 +53,24 @@ def deliver(self, delivery_id: int) -> None:  # type: ignore[no-untyped-def]
         delivery.deliver(runtime.current(), delivery_id)
 
 
+# Acknowledged on receipt: a hint whose image kills the worker is not redelivered to kill the next one.
+@app.task(name=PREPARE_TASK, bind=True, acks_late=False)
+def prepare_instance(self, instance_id: int) -> None:  # type: ignore[no-untyped-def]
+    with log_context(task_id=self.request.id):
+        prepare.prepare(runtime.current(), instance_id)
+
+
 def configure(settings: Settings) -> Celery:
     app.conf.broker_url = settings.effective_broker_url
     return app
 
 
 def publish(task_name: str, row_id: int) -> bool:
-    """Send one message; False on failure (logged), and the sweeper re-publishes from the ledger."""
+    """Send one message; False on failure (logged): the sweeper re-publishes jobs and deliveries
+    from the ledger, a lost prepare hint leaves the work to the job."""
     try:
-        app.send_task(task_name, args=[row_id], queue=DELIVERY_QUEUE if task_name == DELIVER_TASK else QUEUE)
+        app.send_task(task_name, args=[row_id], queue=_ROUTES.get(task_name, QUEUE))
         return True
     except Exception as exc:
-        log.warning("publish failed; the sweeper will retry", task=task_name, id=row_id, error=str(exc))
+        log.warning("publish failed", task=task_name, id=row_id, error=str(exc))
         return False

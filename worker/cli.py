@@ -53,20 +53,24 @@ def _start_listener(rt):  # type: ignore[no-untyped-def]
     spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024)
     if spool.removed_temp_files:
         log.warning("removed writes cut short by a crash (never acknowledged)", files=len(spool.removed_temp_files))
-    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, LedgerReceiver(rt.ledger),
-                     policy=policy, tls=tls)
+    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None)
+    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls)
     scp.start()
     return scp
 
 
-def _start_sweeper(rt):  # type: ignore[no-untyped-def]
+def _start_sweepers(rt):  # type: ignore[no-untyped-def]
+    """The study sweeper, and an hourly one that removes orphaned prepared entries."""
+    from worker import prepared
     from worker.sweeper import Sweeper, sweep
 
     s = rt.settings
-    sweeper = Sweeper(s.sweep_interval_seconds,
-                      lambda: sweep(rt.ledger, s.study_quiet_seconds, s.republish_seconds, rt.publish))
-    sweeper.start()
-    return sweeper
+    sweepers = [Sweeper(s.sweep_interval_seconds,
+                        lambda: sweep(rt.ledger, s.study_quiet_seconds, s.republish_seconds, rt.publish)),
+                Sweeper(3600, lambda: prepared.prune(prepared.root(s)))]
+    for sweeper in sweepers:
+        sweeper.start()
+    return sweepers
 
 
 def _wait_for_signal() -> None:
@@ -92,7 +96,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
                           queues=celery_app.QUEUES, loglevel=settings.log_level)
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     scp = _start_listener(rt)
-    sweeper = _start_sweeper(rt)
+    sweepers = _start_sweepers(rt)
     http = start_http(settings, rt, "serve")
     log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
              broker=settings.effective_broker_url.split("://")[0],
@@ -100,7 +104,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     _wait_for_signal()
     if http:
         http.stop()
-    sweeper.stop()
+    for sweeper in sweepers:
+        sweeper.stop()
     scp.stop()
     work.stop(in_sighandler=False)
 
@@ -113,12 +118,12 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     _require_schema(rt)
     scp = _start_listener(rt)
-    sweeper = _start_sweeper(rt) if not args.no_sweeper else None
+    sweepers = [] if args.no_sweeper else _start_sweepers(rt)
     http = start_http(settings, rt, "listen")
     _wait_for_signal()
     if http:
         http.stop()
-    if sweeper:
+    for sweeper in sweepers:
         sweeper.stop()
     scp.stop()
 

@@ -2,9 +2,16 @@
 
 Each association runs in a thread of its own: its log lines carry ``association_id`` (and the
 ``study_id`` of the last instance recorded) through structlog's context variables.
+
+Given a publish function, it also hints the workers to prepare (decode and infer) each accepted
+instance at once; a thread of its own publishes those, so the C-STORE answer never waits on
+the broker.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
 
 import structlog
 from pydicom.uid import UID
@@ -18,6 +25,7 @@ from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import StudyState
 from worker.observability.metrics import ASSOCIATIONS_ACTIVE, ASSOCIATIONS_REJECTED, INSTANCES, RECEIVED_BYTES
+from worker.sweeper import PREPARE_TASK, Publish
 
 log = structlog.get_logger(__name__)
 
@@ -35,11 +43,45 @@ def rejection_kind(reason: str) -> str:
     return next((kind for prefix, kind in _REJECTION_KINDS if reason.startswith(prefix)), "other")
 
 
-class LedgerReceiver:
-    """Implements ``dicom_node.scp.Receiver`` on the ledger; every call commits."""
+class HintPublisher:
+    """Publishes ``pleura.prepare`` hints from a daemon thread, in the order they were submitted.
 
-    def __init__(self, ledger: Ledger) -> None:
+    At most ``capacity`` hints wait (a slow or unreachable broker); more are dropped, as a lost
+    hint only leaves the work to the study's job.
+    """
+
+    def __init__(self, publish: Publish, capacity: int = 10_000) -> None:
+        self._publish = publish
+        self._queue: queue.Queue[int] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="pleura-prepare-hints", daemon=True)
+        self._thread.start()
+
+    def submit(self, instance_id: int) -> None:
+        """Queue a hint; never blocks."""
+        try:
+            self._queue.put_nowait(instance_id)
+        except queue.Full:
+            log.debug("prepare hint dropped: too many waiting", instance_id=instance_id)
+
+    def _run(self) -> None:
+        while True:
+            instance_id = self._queue.get()
+            try:
+                self._publish(PREPARE_TASK, instance_id)
+            except Exception as exc:  # the next hint may go through; this image waits for its job
+                log.warning("prepare hint not published", instance_id=instance_id, error=type(exc).__name__)
+
+
+class LedgerReceiver:
+    """Implements ``dicom_node.scp.Receiver`` on the ledger; every call commits.
+
+    With ``publish``, each accepted instance (new or changed bytes, not an identical duplicate)
+    is hinted for preparation once its row is committed.
+    """
+
+    def __init__(self, ledger: Ledger, publish: Publish | None = None) -> None:
         self.ledger = ledger
+        self.hints = HintPublisher(publish) if publish is not None else None
 
     def association_opened(self, peer: Peer) -> int:
         with self.ledger.session() as s:
@@ -83,17 +125,19 @@ class LedgerReceiver:
         for attempt in range(3):
             try:
                 with self.ledger.session() as s:
-                    study_id, outcome = self._record(s, stored)
+                    study_id, outcome, instance_id = self._record(s, stored)
                 break
             except IntegrityError:
                 if attempt == 2:  # another association created the same rows concurrently
                     raise
+        if self.hints is not None and outcome == "accepted":
+            self.hints.submit(instance_id)
         structlog.contextvars.bind_contextvars(study_id=study_id)
         INSTANCES.labels(outcome, UID(stored.transfer_syntax_uid).name).inc()
         RECEIVED_BYTES.inc(stored.size)
 
-    def _record(self, s: Session, stored: StoredInstance) -> tuple[int, str]:
-        """Record the instance; returns the study's id and ``accepted`` or ``duplicate``."""
+    def _record(self, s: Session, stored: StoredInstance) -> tuple[int, str, int]:
+        """Record the instance; returns the study's id, ``accepted`` or ``duplicate``, the instance's id."""
         now = utcnow()
         study = s.scalars(
             select(Study).where(Study.study_instance_uid == stored.study_instance_uid).with_for_update()
@@ -114,23 +158,22 @@ class LedgerReceiver:
         ).one_or_none()
         if instance is not None and instance.sha256 == stored.sha256:
             instance.times_received += 1
-            return study.id, "duplicate"
+            return study.id, "duplicate", instance.id
         if instance is None:
-            s.add(
-                Instance(
-                    study_id=study.id,
-                    association_id=stored.association,
-                    sop_instance_uid=stored.sop_instance_uid,
-                    sop_class_uid=stored.sop_class_uid,
-                    series_instance_uid=stored.series_instance_uid,
-                    transfer_syntax_uid=stored.transfer_syntax_uid,
-                    modality=stored.modality,
-                    spool_path=stored.path,
-                    size_bytes=stored.size,
-                    sha256=stored.sha256,
-                    received_at=now,
-                )
+            instance = Instance(
+                study_id=study.id,
+                association_id=stored.association,
+                sop_instance_uid=stored.sop_instance_uid,
+                sop_class_uid=stored.sop_class_uid,
+                series_instance_uid=stored.series_instance_uid,
+                transfer_syntax_uid=stored.transfer_syntax_uid,
+                modality=stored.modality,
+                spool_path=stored.path,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
+                received_at=now,
             )
+            s.add(instance)
         else:
             record(
                 s,
@@ -153,4 +196,5 @@ class LedgerReceiver:
             study.state = StudyState.RECEIVING
             study.revision += 1
             study.done_at = None
-        return study.id, "accepted"
+        s.flush()
+        return study.id, "accepted", instance.id

@@ -1,13 +1,16 @@
 """Process role: one claimed job from spool to SR + SC in the outbox and delivery rows.
 
 Eligibility gate, decoding, batched inference and the result objects; the ledger is only
-written in one finishing transaction, and only while this worker's lease holds.
+written in one finishing transaction, and only while this worker's lease holds. An image
+prepared on arrival (worker.prepare) is taken from the cache, its header alone read again;
+the others are decoded and inferred here. Either way the job builds the same SR and SC.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -21,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.pixels import UndecodableImage, decode
-from dicom_node.results.content import Algorithm, Code, FindingResult, ImageResult
-from dicom_node.results.sc import build_sc
+from dicom_node.results.content import Algorithm, FindingResult, ImageResult
+from dicom_node.results.sc import build_sc, display_image
 from dicom_node.results.sr import build_sr
 from dicom_node.results.uids import derive_uid
 from dicom_node.spool import atomic_write
@@ -37,6 +40,7 @@ from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.logging import log_context
 from worker.observability.metrics import observe_stage
+from worker.prepared import Prepared, PreparedCache
 from worker.runtime import Runtime
 from worker.sweeper import DELIVER_TASK
 from worker.version import __version__
@@ -122,15 +126,18 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         ).first()
         previous_sr_path = previous_sr.path if previous_sr else None
 
+    cache = PreparedCache.of(rt.settings, engine.bundle)
     t0 = time.perf_counter()
-    eligible, reasons = _gate(sources, engine.bundle.intended_use)
+    eligible, reasons = _gate(sources, engine.bundle.intended_use, cache.load)
     t1 = time.perf_counter()
     results, embeddings = _infer(rt.batcher(), engine, eligible)
     t2 = time.perf_counter()
     outputs = _build_outputs(rt, engine, study_uid, revision, results, eligible, previous_sr_path)
-    # seconds per step, for the audit trail: read+decode, preprocess+inference, SR/SC build+write
+    # seconds per step, for the audit trail: read+decode, preprocess+inference, SR/SC build+write;
+    # and how many images came prepared on arrival (read: header only; inference: none)
     timings = {"decode_s": round(t1 - t0, 4), "inference_s": round(t2 - t1, 4),
-               "build_s": round(time.perf_counter() - t2, 4)}
+               "build_s": round(time.perf_counter() - t2, 4),
+               "prepared": sum(isinstance(image, Prepared) for _, _, image in eligible)}
 
     now = utcnow()
     with rt.ledger.session() as s:
@@ -165,25 +172,37 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             study.note = None if eligible else "no eligible images"
         record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
                skipped=len(reasons), outputs=len(outputs), backend=engine.backend, timings=timings)
+    cache.discard(source.sha256 for source in sources)  # the spool keeps the sources
     observe_stage("processing_to_results", processing_seconds)
     log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
     return delivery_ids
 
 
-_Eligible = tuple[_Source, Dataset, np.ndarray]
+#: An eligible source, its dataset and either its decoded pixels or its prepared entry (then the
+#: dataset is the header alone).
+_Eligible = tuple[_Source, Dataset, np.ndarray | Prepared]
 
 
-def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], dict[int, str]]:
+def _no_cache(_sha256: str) -> Prepared | None:
+    return None
+
+
+def _gate(
+    sources: list[_Source], intended_use: dict, prepared: Callable[[str], Prepared | None] = _no_cache
+) -> tuple[list[_Eligible], dict[int, str]]:
     """Read, check and decode every instance; return the eligible ones and the reasons of the rest.
 
+    An instance with a ``prepared(sha256)`` entry is not decoded: its header is read and
+    checked again (the bundle's intended use decides, as for any other image).
     A hostile or broken file costs only its own image: any failure becomes its reason (the
     exception's type, never its message, which may quote attribute values).
     """
     eligible: list[_Eligible] = []
     reasons: dict[int, str] = {}
     for source in sources:
+        entry = prepared(source.sha256)
         try:
-            ds = dcmread(source.path)
+            ds = dcmread(source.path, stop_before_pixels=entry is not None)
         except MemoryError:
             raise
         except Exception as exc:  # unreadable file: reason in the ledger, study goes on
@@ -192,7 +211,7 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], 
         try:
             reason = eligibility.check(ds, intended_use)
             if reason is None:
-                eligible.append((source, ds, decode(ds)))
+                eligible.append((source, ds, entry if entry is not None else decode(ds)))
                 continue
         except UndecodableImage as exc:
             reason = str(exc)
@@ -207,27 +226,17 @@ def _gate(sources: list[_Source], intended_use: dict) -> tuple[list[_Eligible], 
 def _infer(
     batcher: DynamicBatcher, engine: Engine, eligible: list[_Eligible]
 ) -> tuple[list[ImageResult], list[np.ndarray]]:
-    """All of a study's images in one request to the batcher, which merges concurrent studies;
-    the image results and each image's embedding."""
+    """The images not prepared in one request to the batcher, which merges concurrent studies;
+    the image results (pixels reduced to the SC's size) and each image's embedding."""
+    entries = {i: image for i, (_, _, image) in enumerate(eligible) if isinstance(image, Prepared)}
+    decoded = [(i, image) for i, (_, _, image) in enumerate(eligible) if not isinstance(image, Prepared)]
+    if decoded:
+        out = batcher.infer([pixels for _, pixels in decoded])
+        entries.update({i: Prepared.from_output(out, row, display_image(pixels))
+                        for row, (i, pixels) in enumerate(decoded)})
     specs = {f.name: f for f in engine.bundle.reported_findings}
-    results: list[ImageResult] = []
-    embeddings: list[np.ndarray] = []
-    if eligible:
-        out = batcher.infer([pixels for _, _, pixels in eligible])
-        for row, (_source, ds, pixels) in enumerate(eligible):
-            findings = tuple(
-                FindingResult(
-                    name=name,
-                    code=Code(specs[name].code_value, specs[name].code_scheme, specs[name].code_meaning),
-                    probability=float(out.probabilities[row, col]),
-                    threshold=float(specs[name].threshold),
-                    heatmap=out.heatmap(row, col),
-                )
-                for col, name in enumerate(out.findings)
-            )
-            results.append(ImageResult(source=ds, pixels=pixels, findings=findings))
-            embeddings.append(out.embeddings[row])
-    return results, embeddings
+    results = [entries[i].image_result(ds, specs) for i, (_, ds, _) in enumerate(eligible)]
+    return results, [entries[i].embedding for i in range(len(eligible))]
 
 
 def _build_outputs(

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     study_quiet_seconds: float = 10.0
+    prepare_on_arrival: bool = True
     model: str = "demo"
     models_dir: Path | None = None
     backend: str = "auto"

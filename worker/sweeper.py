@@ -29,6 +29,8 @@ Publish = Callable[[str, int], bool]
 
 PROCESS_TASK = "pleura.process_job"
 DELIVER_TASK = "pleura.deliver"
+#: A hint, published by the listener for each accepted instance: decode and infer it now (worker.prepare).
+PREPARE_TASK = "pleura.prepare"
 
 
 @dataclass
@@ -122,7 +124,7 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
 
 
 class Sweeper(threading.Thread):
-    """Runs :func:`sweep` every ``interval`` seconds until ``stop()``; errors are logged."""
+    """Runs ``run_once`` (:func:`sweep`, say) every ``interval`` seconds until ``stop()``; errors are logged."""
 
     def __init__(self, interval: float, run_once: Callable[[], object]) -> None:
         super().__init__(name="pleura-sweeper", daemon=True)

@@ -7,6 +7,9 @@ the (at most three) most probable positive findings blended in, each in its own 
 with a rectangle around its hot area (the same region the SR carries); to the right a legend
 panel with the model name and version and, per finding, the probability, the operating
 threshold and POSITIVE/negative.
+
+:func:`display_image` is that scaled-down image: a caller may keep it instead of the full
+decoded image (the worker caches it), and :func:`render` of it gives the same pixels.
 """
 
 from __future__ import annotations
@@ -111,19 +114,37 @@ def _overlay_findings(findings: Sequence[FindingResult]) -> list[FindingResult]:
     return sorted(mapped, key=lambda f: f.probability, reverse=True)[:MAX_OVERLAYS]
 
 
-def _display_gray(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Pixels resized to ``size`` (w, h) and stretched between the 0.5 and 99.5 percentiles."""
-    resized = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
-    gray = np.asarray(resized.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+def display_size(rows: int, columns: int) -> tuple[int, int]:
+    """(width, height) of the SC's image area for a ``rows`` x ``columns`` image: longest side at
+    most ``IMAGE_SIDE``, never enlarged. An image already that size keeps it."""
+    scale = min(1.0, IMAGE_SIDE / max(rows, columns))
+    return max(1, round(columns * scale)), max(1, round(rows * scale))
+
+
+def display_image(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` (2-D) resized (LANCZOS) to :func:`display_size`, as float32.
+
+    An image already at its display size comes back unchanged, so the SC drawn from a
+    display image equals the SC drawn from the full image it came from, byte for byte.
+    """
+    rows, columns = pixels.shape
+    size = display_size(rows, columns)
+    if size == (columns, rows):
+        return np.asarray(pixels, dtype=np.float32)
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+
+
+def _stretch(gray: np.ndarray) -> np.ndarray:
+    """``gray`` stretched between its 0.5 and 99.5 percentiles to [0, 1]."""
     low, high = np.percentile(gray, (0.5, 99.5))
     return np.clip((gray - low) / max(float(high - low), 1e-6), 0.0, 1.0)
 
 
 def _draw_image(pixels: np.ndarray, overlays: Sequence[FindingResult]) -> Image.Image:
-    rows, columns = pixels.shape
-    scale = min(1.0, IMAGE_SIDE / max(rows, columns))
-    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
-    rgb = np.repeat(_display_gray(pixels, size)[..., None] * 255.0, 3, axis=2)
+    gray = _stretch(display_image(pixels))
+    size = (gray.shape[1], gray.shape[0])
+    rgb = np.repeat(gray[..., None] * 255.0, 3, axis=2)
     for finding, colour in zip(overlays, OVERLAY_COLOURS, strict=False):
         heat = upsample(finding.heatmap, size[1], size[0])
         peak = float(heat.max())

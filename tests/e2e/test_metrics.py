@@ -88,6 +88,8 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port, listen_http, worker_http = free_port(), free_port(), free_port()
     env = pleura_env(tmp_path, pg.url, rmq.url, port, f"DEST@127.0.0.1:{dest_port}")
+    # the batch histogram is checked against the jobs' batching: no image inferred on arrival, one per batch
+    env["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
     pleura_run(env, "db", "upgrade")
     listen = pleura("listen", {**env, "PLEURA_HTTP_PORT": str(listen_http)}, tmp_path / "listen.log")
     work = pleura("worker", {**env, "PLEURA_HTTP_PORT": str(worker_http)}, tmp_path / "worker.log")

@@ -3,7 +3,8 @@
 ``PLEURA_TEST_KILL_SOPS`` (comma-separated SOP Instance UIDs): decoding one SIGKILLs the
 worker process, as a decoder segfault or the kernel's OOM killer would.
 ``PLEURA_TEST_OOM_SOPS``: inference on a study holding one raises MemoryError.
-Everything else runs unchanged. Run as ``python -m tests.reliability.crashing_worker worker``.
+Everything else runs unchanged, except that this worker ignores prepare-on-arrival hints: their
+decoding would bypass the marked job's. Run as ``python -m tests.reliability.crashing_worker worker``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydicom import Dataset
 
 from worker import cli, pipeline
 
+os.environ["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
 _KILL = set(filter(None, os.environ.get("PLEURA_TEST_KILL_SOPS", "").split(",")))
 _OOM = set(filter(None, os.environ.get("PLEURA_TEST_OOM_SOPS", "").split(",")))
 _decode, _infer = pipeline.decode, pipeline._infer

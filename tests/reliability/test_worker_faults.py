@@ -91,7 +91,8 @@ def test_kill_broker_and_database_restarts_deliver_each_study_once(
         send(tmp_path / "wave1")
         rmq.stop()
         wait_for(lambda: scalar("SELECT count(*) FROM jobs") == 2 * WAVE, 60, "the second wave queued")
-        wait_for(lambda: "publish failed" in listen.log.read_text(), 30, "the sweeper's publish to fail")
+        wait_for(lambda: any("publish failed" in line and "process_job" in line
+                             for line in listen.log.read_text().splitlines()), 30, "the sweeper's publish to fail")
         rmq.start()
 
         # 3. PostgreSQL restarts while an association is open and another is attempted
