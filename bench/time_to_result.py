@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.time_to_result [--rates 0.25,0.5,1,1.5,2] [--studies 20] [--images 1]
         [--quiet 1] [--sweep 0.2] [--transfer-syntax j2k] [--nih ../shared/data/nih-cxr14-sample]
-        [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672] [--out bench/results]
+        [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672] [--backend auto] [--name time_to_result]
+        [--out bench/results]
 
 Stack: ``pleura db upgrade``, ``pleura listen`` (listener + sweeper) and one ``pleura worker``
 (default concurrency) on PostgreSQL (a fresh database ``pleura_bench_<hex>`` on ``--pg-admin``'s
@@ -15,13 +16,17 @@ Studies: ``pleura synth`` CR images of adults from the NIH sample at their full 
 Series and SOP Instance UIDs (the pixel data stay as encoded), ``--images`` per study over one
 pynetdicom association per study. Study k of a rate leaves at ``k / rate`` seconds.
 
-Per study, time to result = (mtime of the SR file at ``storescp``) - (time the last C-STORE
-response came back to the sender) - ``--quiet``. A rate is *sustainable* when every SR arrived
-and the median of the last third of its studies is within 0.5 s of the median of the first
-third (no growing backlog). Stages come from the ledger: ``v_study_timeline`` (quiet, wait,
-processing, delivery) and, inside processing, the ``timings`` of each ``job_succeeded`` event
-(read+decode, preprocess+inference, SR/SC build); ``other`` is the rest of processing (claim,
-loading the job, the finishing transaction). Writes ``time_to_result.json`` and ``.png``.
+Per study, time to result = (mtime of the SR file at ``storescp``) - (time the last C-STORE response
+came back to the sender) - ``--quiet``. A rate is *sustainable* when every SR arrived and the median
+of the last third of its studies is within 0.5 s of the median of the first third (no growing
+backlog). Stages come from the ledger: ``v_study_timeline`` (quiet, wait, processing, delivery) and,
+inside processing, the ``timings`` of each ``job_succeeded`` event (read+decode,
+preprocess+inference, SR/SC build; for an image prepared on arrival, only its header is read and
+nothing inferred, and the count of such images is reported); ``other`` is the rest of processing
+(claim, loading the job, the finishing transaction). ``--backend`` is the worker's
+``PLEURA_BACKEND`` (``auto`` takes TensorRT or CUDA where a GPU is; the backends the jobs used are
+recorded); writes ``<--name>.json`` and ``.png`` (e.g. ``--name time_to_result-gpu`` for a GPU
+host).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -48,7 +52,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from bench.common import free_port, postgres_db, rabbitmq_vhost
+from bench.common import free_port, host, postgres_db, rabbitmq_vhost
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 SR_MODALITY = "SR"
@@ -215,16 +219,19 @@ def _pct(values: list[float], q: float) -> float | None:
 # --- stages from the ledger --------------------------------------------------------------------------
 
 
-def stages(db_url: str, by_rate: dict[float, list[str]]) -> list[dict[str, Any]]:
-    """Median and p95 of each stage per rate, from v_study_timeline and job_succeeded timings."""
+def stages(db_url: str, by_rate: dict[float, list[str]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Median and p95 of each stage per rate, from v_study_timeline and job_succeeded timings; and the
+    inference backends the jobs used."""
     engine = create_engine(db_url)
     with engine.connect() as conn:
         timeline = {r["study_instance_uid"]: dict(r) for r in conn.execute(text(
             "SELECT study_instance_uid, job_id, quiet_s, wait_s, processing_s, delivery_s, total_s "
             "FROM v_study_timeline WHERE is_current = 1")).mappings()}
-        timings = {r["job_id"]: json.loads(r["detail"]).get("timings", {}) for r in conn.execute(text(
+        succeeded = {r["job_id"]: json.loads(r["detail"]) for r in conn.execute(text(
             "SELECT job_id, detail FROM events WHERE kind = 'job_succeeded'")).mappings()}
     engine.dispose()
+    timings = {job: detail.get("timings", {}) for job, detail in succeeded.items()}
+    backends = sorted({str(detail.get("backend")) for detail in succeeded.values()})
     out = []
     for rate, uids in by_rate.items():
         rows = []
@@ -234,14 +241,17 @@ def stages(db_url: str, by_rate: dict[float, list[str]]) -> list[dict[str, Any]]
                 continue
             step = timings.get(t["job_id"], {})
             row = {k: float(t[k]) for k in ("quiet_s", "wait_s", "processing_s", "delivery_s", "total_s")}
+            row["images"] = succeeded.get(t["job_id"], {}).get("images", 0)
+            row["prepared"] = step.get("prepared", 0)
             row.update({k: float(step.get(k, np.nan)) for k in ("decode_s", "inference_s", "build_s")})
             row["other_s"] = row["processing_s"] - row["decode_s"] - row["inference_s"] - row["build_s"]
             rows.append(row)
         keys = (*STAGES, "processing_s", "total_s")
         out.append({"rate_per_s": rate, "studies": len(rows),
+                    "images": sum(r["images"] for r in rows), "prepared": sum(r["prepared"] for r in rows),
                     "median": {k: _pct([r[k] for r in rows], 50) for k in keys},
                     "p95": {k: _pct([r[k] for r in rows], 95) for k in keys}})
-    return out
+    return out, backends
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -293,10 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--nih", type=Path, default=NIH)
     parser.add_argument("--pg-admin", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     parser.add_argument("--rabbitmq-host", default="127.0.0.1:5672")
+    parser.add_argument("--backend", default="auto", help="PLEURA_BACKEND of the worker")
+    parser.add_argument("--name", default="time_to_result", help="stem of the JSON and PNG written")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
-    started, load_at_start = time.time(), [round(x, 2) for x in os.getloadavg()]
+    started, machine = time.time(), host()
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pleura-ttr-")))
@@ -313,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env = {"PLEURA_DATA_DIR": str(tmp / "var"), "PLEURA_DATABASE_URL": db_url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_PORT": str(port), "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
                "PLEURA_STUDY_QUIET_SECONDS": str(args.quiet), "PLEURA_SWEEP_INTERVAL_SECONDS": str(args.sweep),
-               "PLEURA_MIN_FREE_DISK_MB": "20"}
+               "PLEURA_MIN_FREE_DISK_MB": "20", "PLEURA_BACKEND": args.backend}
         subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True,
                        timeout=120)
         listen = stack.enter_context(process([PLEURA, "listen"], tmp / "listen.log", env))
@@ -334,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  received {r['received']}/{r['studies']} p50 {r['p50_s']} p95 {r['p95_s']} "
                       f"p99 {r['p99_s']} growth {r['growth_s']} sustainable {r['sustainable']}", flush=True)
                 time.sleep(args.quiet + 2)  # stragglers settle before the next rate
-            stage_rows = stages(db_url, {r["rate_per_s"]: r["study_uids"] for r in results})
+            stage_rows, backends = stages(db_url, {r["rate_per_s"]: r["study_uids"] for r in results})
         except BaseException:
             for log in ("listen.log", "worker.log"):
                 print(f"--- {log}\n" + "\n".join((tmp / log).read_text(errors="replace").splitlines()[-40:]))
@@ -345,11 +357,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "time_to_result",
         "command": " ".join([".venv/bin/python -m bench.time_to_result", *(argv or sys.argv[1:])]),
-        "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "load_average_at_start": load_at_start},
+        "host": machine,
         "stack": {"database": "PostgreSQL (fresh database, shared server)", "broker": "RabbitMQ (fresh vhost)",
                   "listener": "pleura listen", "worker": "pleura worker (1 process, default concurrency)",
                   "destination": "DCMTK storescp", "model": "demo bundle (PLEURA_MODEL default)",
+                  "backend_setting": args.backend, "backends_used": backends,
                   "quiet_s": args.quiet, "sweep_interval_s": args.sweep},
         "studies": {"source": "NIH ChestX-ray14 sample via pleura synth, full original matrix, 12-bit CR",
                     "transfer_syntax": args.transfer_syntax, "images_per_study": args.images,
@@ -365,12 +377,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "time_to_result.png"
+    png = args.out / f"{args.name}.png"
     note = _plot(report, png)
     report["plot"] = None if note else png.name
     if note:
         report["plot_note"] = note
-    (args.out / "time_to_result.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("highest_sustainable_rate_per_s", "target_p95_under_2s_at_1_per_s",
                                               "wall_s")}))
     return report
