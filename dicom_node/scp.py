@@ -13,6 +13,7 @@ Receiver with a reason.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import socket
 import ssl
@@ -348,6 +349,7 @@ class _Server(ThreadedAssociationServer):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, request_handler=_RequestHandler, **kwargs)  # type: ignore[arg-type]
+        self.contexts = _Contexts(self.contexts)
         self._watchdogs: dict[tuple, tuple[threading.Timer, socket.socket]] = {}
         self._watch_lock = threading.Lock()
 
@@ -395,6 +397,22 @@ class _Server(ThreadedAssociationServer):
         entry[0].cancel()
         _close(entry[1], shutdown=False)
         return True
+
+
+class _Contexts(list):
+    """The listener's presentation contexts, whose deep copy shares their UIDs (immutable strings).
+
+    pynetdicom deep-copies the acceptor's contexts for every association; copying each of the ~2,000
+    UIDs re-validates it with a regular expression: about 25 ms of CPU per association.
+    """
+
+    def __deepcopy__(self, memo: dict[int, object]) -> list:
+        for context in self:
+            for value in vars(context).values():
+                for item in value if isinstance(value, list) else (value,):
+                    if isinstance(item, str):
+                        memo[id(item)] = item
+        return [copy.deepcopy(context, memo) for context in self]
 
 
 class _BulkReadSocket(AssociationSocket):
