@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.ingest [--files 32] [--syntaxes explicit,j2k,jpegls] [--associations 1,4]
         [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672]
-        [--data build/ingest-data] [--out bench/results]
+        [--listen-processes CPUS] [--data build/ingest-data] [--out bench/results]
 
 Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their
 original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax
@@ -10,18 +10,20 @@ original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each 
 lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in
 its own transfer syntax, never decompressed), one process per association, the files split evenly
 among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` is
-``pleura listen --no-sweeper`` in production mode (ledger on a fresh PostgreSQL database at
-``--pg-admin``, migrated with ``pleura db upgrade``; a fresh RabbitMQ virtual host on
-``--rabbitmq-host`` takes the prepare-on-arrival hints it publishes, which nothing consumes here),
-which fsyncs each file and commits its ledger row before answering Success; ``storescp`` is DCMTK's
-``storescp --fork +xa -od DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with
-its default SQLite index and file storage. Each receiver first gets ``WARM_UP_FILES`` other files
-over the same number of associations, not timed: start-up costs (imports, connection pools, caches)
-are not what a PACS meets. Timed: from starting the senders to the last sender's exit. Afterwards
-the count of instances kept is checked against the count sent (warm-up included: ledger rows, files,
-Orthanc's /statistics); a run that falls short fails the benchmark. MB/s counts file bytes (10^6).
-Each case runs ``--repeats`` times; the median wall time is reported, with ratios Pleura/storescp
-and Pleura/Orthanc.
+``pleura listen --no-sweeper`` in production mode with ``--listen-processes`` processes accepting on
+the port (``PLEURA_LISTEN_PROCESSES``; default: one per CPU, as Orthanc's threads and ``storescp``'s
+forks use every core) (ledger on a fresh PostgreSQL database at ``--pg-admin``, migrated with
+``pleura db upgrade``; a fresh RabbitMQ virtual host on ``--rabbitmq-host`` takes the
+prepare-on-arrival hints it publishes, which nothing consumes here), which fsyncs each file and
+commits its ledger row before answering Success; ``storescp`` is DCMTK's ``storescp --fork +xa -od
+DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with its default SQLite index
+and file storage. Each receiver first gets ``WARM_UP_FILES`` other files over the same number of
+associations, not timed: start-up costs (imports, connection pools, caches) are not what a PACS
+meets. Timed: from starting the senders to the last sender's exit. Afterwards the count of instances
+kept is checked against the count sent (warm-up included: ledger rows, files, Orthanc's
+/statistics); a run that falls short fails the benchmark. MB/s counts file bytes (10^6). Each case
+runs ``--repeats`` times; the median wall time is reported, with ratios Pleura/storescp and
+Pleura/Orthanc.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
     raise RuntimeError(f"port {port} not open after {timeout} s")
 
 
+def _wait_listening(processes: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until ``processes`` listener processes have logged that they serve the port."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count('"event": "listening"') < processes:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"not {processes} listener processes:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
 def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "ab") as fh:
         return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -108,17 +119,19 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 
 @contextmanager
-def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str) -> Receiver:
+def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int) -> Receiver:
     with postgres_db(pg_admin, "pleura_ingest") as url, rabbitmq_vhost(rabbitmq_host) as broker:
         port = free_port()
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
-               "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20"}
+               "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20",
+               "PLEURA_LISTEN_PROCESSES": str(processes)}
         ledger = create_engine(url)
         proc = None
         try:
             subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True)
             proc = _start([PLEURA, "listen", "--no-sweeper"], workdir / "pleura.log", env)
             _wait_port(port, proc, workdir / "pleura.log")
+            _wait_listening(processes, proc, workdir / "pleura.log")  # the port opens before they all serve it
 
             def count() -> int:
                 with ledger.connect() as conn:
@@ -188,7 +201,7 @@ def run_once(receiver: str, files: list[Path], warm_up: list[Path], associations
              args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory(prefix="pleura-ingest-", dir=args.tmp) as tmp:
         workdir = Path(tmp)
-        start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host),
+        start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes),
                  "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir)}[receiver]
         with start() as (port, called_ae, count):
             send(port, called_ae, warm_up, associations)
@@ -281,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pg-admin", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--rabbitmq-host", default="127.0.0.1:5672")
+    parser.add_argument("--listen-processes", type=int, default=os.cpu_count() or 1,
+                        help="PLEURA_LISTEN_PROCESSES of Pleura's listener (default: the CPU count)")
     parser.add_argument("--data", type=Path, default=Path("build/ingest-data"))
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python -m bench.ingest", *(argv if argv is not None else sys.argv[1:])]),
         "method": __doc__.split("\n\n", 2)[2].strip().replace("\n", " "),
         "host": host(),
-        "versions": _versions(), "repeats": args.repeats, "runs": [],
+        "versions": _versions(), "repeats": args.repeats, "pleura_listen_processes": args.listen_processes,
+        "runs": [],
     }
     for syntax in args.syntaxes.split(","):
         files = dataset(args.data, syntax, args.files + WARM_UP_FILES)

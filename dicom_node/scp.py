@@ -5,6 +5,10 @@ the spool durably, tells the application through a :class:`Receiver`, and answer
 only when both returned. The application passes the Receiver in; this module knows no
 database and no queue.
 
+Several processes may serve one port: :func:`bind` the socket once, then hand it to each
+process's :class:`StorageSCP` (``listen_socket``); the kernel gives each new connection to one of
+them.
+
 Before any of that an :class:`AssociationPolicy` decides who may associate (called AE, calling-AE
 allow-list bound to hosts, a limit on concurrent associations) and how long a peer may stay
 silent; with an ``ssl.SSLContext`` the listener speaks DICOM TLS only. Every refusal goes to the
@@ -18,6 +22,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Protocol
@@ -61,6 +66,10 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 #: Largest P-DATA PDU we ask peers to send (PS3.8 D.1). pynetdicom handles each PDU in Python: with
 #: its default 16 KiB, 32 x 12 MB over 4 associations took 3.0 s; with 1 MiB 2.0 s (bench.ingest).
 MAXIMUM_PDU_SIZE = 1048576
+
+#: With a port shared by several processes, each waits this long per connection it serves before
+#: it takes a new connection, so that connections go to the least busy process (bench.ingest).
+SHARED_ACCEPT_DELAY = 0.003
 
 #: A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
@@ -164,8 +173,10 @@ class StorageSCP:
         receiver: Receiver,
         policy: AssociationPolicy | None = None,
         tls: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.address = (host, port)
+        self.listen_socket = listen_socket
         self.spool = spool
         self.receiver = receiver
         self.policy = policy or AssociationPolicy()
@@ -195,7 +206,8 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
-        server = self.ae.make_server(self.address, evt_handlers=handlers, server_class=_Server)
+        server = self.ae.make_server(self.address, evt_handlers=handlers, server_class=_Server,
+                                     listen_socket=self.listen_socket)
         server.scp = self
         self.ae._servers.append(server)  # as AE.start_server does, so that server.shutdown() can unregister it
         threading.Thread(target=server.serve_forever, name=f"listener:{self.address[1]}", daemon=True).start()
@@ -347,16 +359,42 @@ class _Server(ThreadedAssociationServer):
 
     scp: StorageSCP
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, listen_socket: socket.socket | None = None, **kwargs: object) -> None:
+        self._shared = listen_socket
         super().__init__(*args, request_handler=_RequestHandler, **kwargs)  # type: ignore[arg-type]
         self.contexts = _Contexts(self.contexts)
         self._watchdogs: dict[tuple, tuple[threading.Timer, socket.socket]] = {}
         self._watch_lock = threading.Lock()
+        self._connections = 0  # accepted and not yet closed
+
+    def server_bind(self) -> None:
+        if self._shared is None:
+            super().server_bind()
+            return
+        self.socket.close()  # the one TCPServer made: serve the bound, listening one handed in instead
+        self.socket = self._shared
+        self.server_address = self._shared.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        return self.socket.accept()  # type: ignore[union-attr]
+        if self._shared is not None:  # every process wakes for a new connection: the least busy tries first
+            time.sleep(SHARED_ACCEPT_DELAY * self._connections)
+        accepted = self.socket.accept()  # type: ignore[union-attr]
+        with self._watch_lock:
+            self._connections += 1
+        return accepted
 
     def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        try:
+            self._serve(request, client_address)
+        finally:
+            with self._watch_lock:
+                self._connections -= 1
+
+    def _serve(self, request: socket.socket, client_address: tuple) -> None:
         key = tuple(client_address)[:2]
         self._arm(request, key)
         tls = self.scp.tls
@@ -443,6 +481,14 @@ class _RequestHandler(RequestHandler):
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = _BulkReadSocket  # same state, faster recv
         return assoc
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for several listener processes; non-blocking, so that a process that
+    loses the race for a connection goes back to waiting instead of blocking in ``accept``."""
+    sock = socket.create_server((host, port), backlog=128)
+    sock.setblocking(False)
+    return sock
 
 
 def _close(sock: socket.socket, shutdown: bool) -> None:

@@ -75,7 +75,8 @@ class Spool:
 
     A temporary file ``.<name>.<pid>.tmp`` is a write that a crash cut short: it was never
     renamed, so never acknowledged nor recorded. One listener owns a spool, so the files left
-    when it starts are all stale; they are removed then (``removed_temp_files``).
+    when it starts are all stale; they are removed then (``removed_temp_files``). A listener of
+    several processes opens the spool once, before the others are forked.
     """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:

@@ -36,25 +36,36 @@ def _require_schema(rt) -> None:  # type: ignore[no-untyped-def]
         sys.exit("error: the database schema is not current; run `pleura db upgrade` first")
 
 
-def _start_listener(rt):  # type: ignore[no-untyped-def]
-    from dicom_node.scp import AssociationPolicy, StorageSCP
+def _open_spool(s: Settings):  # type: ignore[no-untyped-def]
+    """The spool, rid of the writes a crash cut short (open it once per listener, before any fork)."""
     from dicom_node.spool import Spool
+
+    spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024)
+    if spool.removed_temp_files:
+        log.warning("removed writes cut short by a crash (never acknowledged)", files=len(spool.removed_temp_files))
+    return spool
+
+
+def _start_listener(rt, listen_socket=None, spool=None):  # type: ignore[no-untyped-def]
+    """The DICOM listener; on ``listen_socket`` (bound already) when several processes share the port,
+    each allowed its share of ``max_associations``."""
+    from dicom_node.scp import AssociationPolicy, StorageSCP
     from dicom_node.tls import server_context
     from worker.intake import LedgerReceiver
 
     s = rt.settings
-    policy = AssociationPolicy(tuple(s.allowed_calling_aes), s.max_associations, s.acse_timeout_seconds,
+    share = -(-s.max_associations // s.listen_processes) if listen_socket is not None else s.max_associations
+    policy = AssociationPolicy(tuple(s.allowed_calling_aes), share, s.acse_timeout_seconds,
                                s.dimse_timeout_seconds, s.network_timeout_seconds)
     tls = None
     if s.tls_cert_file is not None or s.tls_key_file is not None:
         if s.tls_cert_file is None or s.tls_key_file is None:
             raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
         tls = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_require_peer_cert)
-    spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024)
-    if spool.removed_temp_files:
-        log.warning("removed writes cut short by a crash (never acknowledged)", files=len(spool.removed_temp_files))
+    spool = spool or _open_spool(s)
     receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None)
-    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls)
+    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls,
+                     listen_socket=listen_socket)
     scp.start()
     return scp
 
@@ -115,17 +126,34 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     if settings.embedded_broker:
         sys.exit("error: `pleura listen` needs PLEURA_BROKER_URL (e.g. amqp://guest:guest@host:5672//); "
                  "use `pleura serve` for the all-in-one")
+    from dicom_node.scp import bind
+    from worker import listener_processes
+
+    shared, spool, group = None, None, listener_processes.Group()
+    if settings.listen_processes > 1:
+        if settings.effective_database_url.startswith("sqlite"):
+            sys.exit("error: PLEURA_LISTEN_PROCESSES > 1 needs PostgreSQL (PLEURA_DATABASE_URL): "
+                     "SQLite takes one writer at a time")
+        try:
+            shared = bind(settings.dicom_host, settings.dicom_port)
+        except OSError as exc:
+            sys.exit(f"error: cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc}")
+        spool = _open_spool(settings)
+        group = listener_processes.fork(settings.listen_processes - 1)  # before any thread or connection
     rt = _runtime(settings)
     _require_schema(rt)
-    scp = _start_listener(rt)
-    sweepers = [] if args.no_sweeper else _start_sweepers(rt)
-    http = start_http(settings, rt, "listen")
-    _wait_for_signal()
+    scp = _start_listener(rt, shared, spool)
+    sweepers = [] if args.no_sweeper or group.forked else _start_sweepers(rt)
+    http = None if group.forked else start_http(settings, rt, "listen")
+    status = listener_processes.wait(group)
     if http:
         http.stop()
     for sweeper in sweepers:
         sweeper.stop()
     scp.stop()
+    listener_processes.stop_children(group)
+    if status:
+        sys.exit(status)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = 500
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1)
+    listen_processes: int = Field(1, ge=1)
     acse_timeout_seconds: float = Field(30.0, gt=0)
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
