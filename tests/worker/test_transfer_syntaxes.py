@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pydicom.pixels import pixel_array
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -21,7 +23,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from dicom_node.pixels import decode
+from dicom_node.pixels import FASTEST_PLUGIN, _pixel_data, decode
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.synthetic import png_to_dataset, read_labels
@@ -95,3 +97,14 @@ def _close(pixels: np.ndarray, expected: np.ndarray) -> bool:
     assert pixels.shape == expected.shape and pixels.dtype == np.float32
     assert 0.0 <= pixels.min() and pixels.max() <= 1.0
     return bool(np.corrcoef(pixels.ravel(), expected.ravel())[0, 1] > 0.99)
+
+
+def test_jpeg_ls_goes_through_the_fastest_decoder_with_the_same_values(source: tuple[Path, np.ndarray],
+                                                                       tmp_path: Path) -> None:
+    encoded = tmp_path / "jpegls.dcm"
+    subprocess.run([require_tool("dcmcjpls"), str(source[0]), str(encoded)], check=True, timeout=120)
+    plugin = FASTEST_PLUGIN[JPEGLSLossless]
+    assert plugin in get_decoder(JPEGLSLossless).available_plugins  # installed: the preference takes effect
+    ours = _pixel_data(dcmread(encoded))
+    assert np.array_equal(ours, pixel_array(dcmread(encoded), decoding_plugin="pylibjpeg"))
+    assert np.array_equal(ours, dcmread(source[0]).pixel_array)  # lossless
