@@ -441,7 +441,8 @@ class _Contexts(list):
     """The listener's presentation contexts, whose deep copy shares their UIDs (immutable strings).
 
     pynetdicom deep-copies the acceptor's contexts for every association; copying each of the ~2,000
-    UIDs re-validates it with a regular expression: about 25 ms of CPU per association.
+    UIDs re-validates it with a regular expression (a client's association with one C-ECHO took 40 ms
+    with that copy, 20 ms without).
     """
 
     def __deepcopy__(self, memo: dict[int, object]) -> list:

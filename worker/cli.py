@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -54,7 +55,7 @@ def _start_listener(rt, listen_socket=None, spool=None):  # type: ignore[no-unty
     from worker.intake import LedgerReceiver
 
     s = rt.settings
-    share = -(-s.max_associations // s.listen_processes) if listen_socket is not None else s.max_associations
+    share = math.ceil(s.max_associations / s.listen_processes) if listen_socket is not None else s.max_associations
     policy = AssociationPolicy(tuple(s.allowed_calling_aes), share, s.acse_timeout_seconds,
                                s.dimse_timeout_seconds, s.network_timeout_seconds)
     tls = None
