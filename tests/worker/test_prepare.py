@@ -35,7 +35,7 @@ from worker.intake import LedgerReceiver
 from worker.ledger import Embedding, Event, Finding, Instance, OutputObject
 from worker.ledger.db import Ledger, upgrade
 from worker.prepare import prepare
-from worker.prepared import PreparedCache
+from worker.prepared import ORPHAN_SECONDS, PreparedCache, prune
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.sweeper import PREPARE_TASK, sweep
@@ -233,8 +233,6 @@ def test_intake_hints_accepted_instances_without_waiting_for_the_broker(node: _N
 
 
 def test_prune_removes_only_entries_older_than_the_orphan_age(tmp_path: Path) -> None:
-    from worker.prepared import ORPHAN_SECONDS, prune
-
     old, fresh, stray = (tmp_path / "demo-0.1.0-abc" / name for name in ("a.npz", "b.npz", ".c.tmp"))
     old.parent.mkdir()
     for path in (old, fresh, stray):
