@@ -1,15 +1,18 @@
-"""Pieces the benchmarks share: free ports, throw-away PostgreSQL databases and RabbitMQ virtual hosts,
-the host record."""
+"""Pieces the benchmarks share: free ports, processes with a log and their ports, throw-away
+PostgreSQL databases and RabbitMQ virtual hosts, the host record."""
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -19,6 +22,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``args`` running with its output in ``log``, in a session of its own; SIGTERM to the whole group
+    afterwards (a listener of several processes included), SIGKILL after 20 s."""
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until 127.0.0.1:``port`` accepts connections; fails with the end of ``log`` if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited early ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} not open after {timeout} s")
 
 
 @contextmanager

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
-from bench.common import free_port, host, postgres_db, rabbitmq_vhost
+from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, wait_port
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
@@ -59,19 +58,6 @@ WARM_UP_FILES = 4
 SYNTAX_NAMES = {"explicit": "Explicit VR LE", "j2k": "JPEG 2000 lossless", "jpegls": "JPEG-LS lossless"}
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited early:\n{log.read_text(errors='replace')[-3000:]}")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} not open after {timeout} s")
-
-
 def _wait_listening(processes: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     """Until ``processes`` listener processes have logged that they serve the port."""
     deadline = time.monotonic() + timeout
@@ -79,22 +65,6 @@ def _wait_listening(processes: int, proc: subprocess.Popen, log: Path, timeout: 
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"not {processes} listener processes:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.1)
-
-
-def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -125,22 +95,19 @@ def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int) -> 
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20",
                "PLEURA_LISTEN_PROCESSES": str(processes)}
-        ledger = create_engine(url)
-        proc = None
+        log, ledger = workdir / "pleura.log", create_engine(url)
+
+        def count() -> int:
+            with ledger.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM instances")).scalar() or 0)
+
         try:
             subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True)
-            proc = _start([PLEURA, "listen", "--no-sweeper"], workdir / "pleura.log", env)
-            _wait_port(port, proc, workdir / "pleura.log")
-            _wait_listening(processes, proc, workdir / "pleura.log")  # the port opens before they all serve it
-
-            def count() -> int:
-                with ledger.connect() as conn:
-                    return int(conn.execute(text("SELECT count(*) FROM instances")).scalar() or 0)
-
-            yield port, "PLEURA", count
+            with process([PLEURA, "listen", "--no-sweeper"], log, env) as proc:
+                wait_port(port, proc, log)
+                _wait_listening(processes, proc, log)  # the port opens before they all serve it
+                yield port, "PLEURA", count
         finally:
-            if proc is not None:
-                _stop(proc)
             ledger.dispose()
 
 
@@ -148,13 +115,10 @@ def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int) -> 
 def storescp(workdir: Path) -> Receiver:
     port, out = free_port(), workdir / "storescp"
     out.mkdir()
-    proc = _start(["storescp", "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
-                  workdir / "storescp.log")
-    try:
-        _wait_port(port, proc, workdir / "storescp.log")
+    log = workdir / "storescp.log"
+    with process(["storescp", "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)], log) as proc:
+        wait_port(port, proc, log)
         yield port, "STORESCP", lambda: sum(1 for p in out.iterdir() if p.is_file())
-    finally:
-        _stop(proc)
 
 
 @contextmanager
@@ -165,18 +129,16 @@ def orthanc(workdir: Path) -> Receiver:
               "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
               "Plugins": []}
     (workdir / "orthanc.json").write_text(json.dumps(config))
-    proc = _start(["Orthanc", str(workdir / "orthanc.json")], workdir / "orthanc.log")
 
     def count() -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as response:
             return int(json.loads(response.read())["CountInstances"])
 
-    try:
-        _wait_port(http, proc, workdir / "orthanc.log")
-        _wait_port(port, proc, workdir / "orthanc.log")
+    log = workdir / "orthanc.log"
+    with process(["Orthanc", str(workdir / "orthanc.json")], log) as proc:
+        wait_port(http, proc, log)
+        wait_port(port, proc, log)
         yield port, "ORTHANC", count
-    finally:
-        _stop(proc)
 
 
 # --- one run ---------------------------------------------------------------------------------------

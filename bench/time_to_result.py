@@ -35,14 +35,12 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -52,44 +50,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from bench.common import free_port, host, postgres_db, rabbitmq_vhost
+from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, wait_port
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 SR_MODALITY = "SR"
 GROWTH_LIMIT_S = 0.5  # last third's median minus first third's: more means a backlog builds
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
 STAGES = ("quiet_s", "wait_s", "decode_s", "inference_s", "build_s", "other_s", "delivery_s")
-
-
-# --- the stack ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited early ({proc.returncode})")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"port {port} did not open")
 
 
 # --- studies -----------------------------------------------------------------------------------------
@@ -321,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest_port, port = free_port(), free_port()
         dest_proc = stack.enter_context(process(["storescp", "-aet", "DEST", "-od", str(received), "-uf", "+xa",
                                                  str(dest_port)], tmp / "storescp.log"))
-        wait_port(dest_port, dest_proc)
+        wait_port(dest_port, dest_proc, tmp / "storescp.log")
         env = {"PLEURA_DATA_DIR": str(tmp / "var"), "PLEURA_DATABASE_URL": db_url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_PORT": str(port), "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
                "PLEURA_STUDY_QUIET_SECONDS": str(args.quiet), "PLEURA_SWEEP_INTERVAL_SECONDS": str(args.sweep),
@@ -330,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        timeout=120)
         listen = stack.enter_context(process([PLEURA, "listen"], tmp / "listen.log", env))
         stack.enter_context(process([PLEURA, "worker"], tmp / "worker.log", env))
-        wait_port(port, listen)
+        wait_port(port, listen, tmp / "listen.log")
         dest = Destination(received)
         stack.callback(dest.stop)
         try:

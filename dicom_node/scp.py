@@ -68,7 +68,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 MAXIMUM_PDU_SIZE = 1048576
 
 #: With a port shared by several processes, each waits this long per connection it serves before
-#: it takes a new connection, so that connections go to the least busy process (bench.ingest).
+#: it takes a new connection, so that connections go to the least busy process (its effect alone was not measured).
 SHARED_ACCEPT_DELAY = 0.003
 
 #: A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
@@ -458,7 +458,7 @@ class _BulkReadSocket(AssociationSocket):
     """pynetdicom's socket, but a PDU is read with as few system calls as the kernel allows.
 
     pynetdicom reads in 4 KiB pieces, each a system call that releases and retakes the GIL: 32 x
-    12 MB over 4 associations cost 3.0 s of listener CPU; read into one buffer, 2.1 s (bench.ingest).
+    12 MB over 4 associations cost 3.0-3.3 s of listener CPU; read into one buffer, 1.9-2.2 s (bench.ingest's files).
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
