@@ -81,6 +81,7 @@ class SendLog:
     answers: list[tuple[str, int | None]] = field(default_factory=list)
     statuses: dict[str, int | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)  # SOP Instance UIDs sent again over a new association
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def put(self, sop_uid: str, status: int | None) -> None:
@@ -94,33 +95,60 @@ class SendLog:
 
 
 def send(port: int, datasets: Sequence[Dataset], log: SendLog, calling_ae: str = "MODALITY",
-         after_each: Callable[[str, int | None], None] | None = None, timeout: float = 60) -> None:
-    """C-STORE ``datasets`` over one association, recording each answer; stops when the association dies."""
+         after_each: Callable[[str, int | None], None] | None = None, timeout: float = 60,
+         resend_after_abort: int = 0) -> None:
+    """C-STORE ``datasets`` over one association, recording each answer; stops when the association dies.
+
+    With ``resend_after_abort`` N, a dead association is opened again (N times at most) and the
+    instance left unanswered is sent again with the rest, as a PACS does. pynetdicom's requestor can
+    lose a C-STORE response to its own reactor thread (a race in pynetdicom 3.0; the sender then
+    times out and aborts), so a long run of C-STOREs needs this to finish.
+    """
+    pending = list(datasets)
+    for round_ in range(resend_after_abort + 1):
+        if round_:
+            with log.lock:
+                log.resent.append(str(pending[0].SOPInstanceUID))
+        pending = _send_until_dead(port, pending, log, calling_ae, after_each, timeout,
+                                   final=round_ == resend_after_abort)
+        if not pending:
+            return
+
+
+def _send_until_dead(port: int, datasets: list[Dataset], log: SendLog, calling_ae: str,
+                     after_each: Callable[[str, int | None], None] | None, timeout: float,
+                     final: bool) -> list[Dataset]:
+    """Send over one association; the datasets left unanswered when it died (errors logged if ``final``)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
     if not assoc.is_established:
-        log.errors.append("association not established")
-        return
+        if final:
+            log.errors.append("association not established")
+        return datasets
     try:
-        for ds in datasets:
+        for i, ds in enumerate(datasets):
             uid = str(ds.SOPInstanceUID)
             try:
                 answer = assoc.send_c_store(ds)
                 status = int(answer.Status) if "Status" in answer else None
             except Exception as exc:  # the peer died mid-transfer
                 status = None
-                log.errors.append(f"{type(exc).__name__}: {exc}")
+                if final:
+                    log.errors.append(f"{type(exc).__name__}: {exc}")
+            if status is None and not final and not assoc.is_established:
+                return datasets[i:]
             log.put(uid, status)
             if after_each is not None:
                 after_each(uid, status)
             if not assoc.is_established:
-                break
+                return datasets[i + 1:]
     finally:
         if assoc.is_established:
             assoc.release()
+    return []
 
 
 def send_concurrently(port: int, batches: Sequence[Sequence[Dataset]], log: SendLog, **kwargs: object) -> None:

@@ -48,7 +48,8 @@ def test_soak_with_a_worker_killed(pg_url: str, broker: PrivateRabbitMQ, nih: Pa
     try:
         wait_port(port, listen)
         started = time.monotonic()
-        sender = threading.Thread(target=send_concurrently, args=(port, batches, log), daemon=True)
+        sender = threading.Thread(target=send_concurrently, args=(port, batches, log),
+                                  kwargs={"resend_after_abort": 2}, daemon=True)
         sender.start()
         victim = workers["a"]
         wait_for(lambda: ledger.scalar("SELECT count(*) FROM jobs WHERE state = 'SUCCEEDED'") >= STUDIES // 10,
@@ -97,6 +98,7 @@ def test_soak_with_a_worker_killed(pg_url: str, broker: PrivateRabbitMQ, nih: Pa
             "studies_lost": len(lost), "duplicate_results_delivered": duplicate_results,
             "objects_delivered": len(distinct), "same_uid_resends_after_kill": sum(copies[u] - 1 for u in resent),
             "deliveries_retried": retried,
+            "instances_resent_after_a_lost_response": len(log.resent),
             "send_seconds": round(sent_at, 1), "all_delivered_seconds": round(delivered_at, 1),
             "ingest_instances_per_s": round(len(acked) / sent_at, 1),
             "end_to_end_instances_per_s": round(len(acked) / delivered_at, 1),
@@ -104,7 +106,9 @@ def test_soak_with_a_worker_killed(pg_url: str, broker: PrivateRabbitMQ, nih: Pa
         assert not log.errors, log.errors[:5]
         assert len(acked) == len(log.statuses) == STUDIES * PER_STUDY
         assert ledger.scalar("SELECT count(*) FROM instances") == STUDIES * PER_STUDY
-        assert ledger.scalar("SELECT count(*) FROM instances WHERE times_received <> 1") == 0
+        # received twice only where the sender sent it again after pynetdicom lost the response
+        twice = {r[0] for r in ledger.rows("SELECT sop_instance_uid FROM instances WHERE times_received <> 1")}
+        assert twice <= set(log.resent), (twice, log.resent)
         assert lost == [] and duplicate_results == 0
         assert all(n == 1 for n in srs_per_study.values()) and len(srs_per_study) == STUDIES
         assert all(n == PER_STUDY + 1 for n in objects_per_study.values())
