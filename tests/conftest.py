@@ -92,3 +92,36 @@ def dsrdump() -> Callable[[Path], subprocess.CompletedProcess]:
                               check=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pixelmed_sr() -> Callable[[list[Path]], dict[Path, tuple[list[str], list[str]]]]:
+    """Run pixelmed's DicomSRValidator (Debian pixelmed-apps) over SR files in one JVM.
+
+    Returns, per file, its (error lines, warning lines). The XPath limits are lifted as the
+    validator needs on JDK 17.
+    """
+    java = require_tool("java")
+    jar = Path("/usr/share/java/pixelmed.jar")
+    if not jar.is_file():
+        pytest.skip(f"{jar} absent (bash .ci/run installs pixelmed-apps with apt-get)")
+    source = Path(__file__).with_name("tools") / "PixelmedValidate.java"
+    limits = [f"-Djdk.xml.{name}=0" for name in
+              ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+
+    def run(paths: list[Path]) -> dict[Path, tuple[list[str], list[str]]]:
+        done = subprocess.run([java, *limits, "-cp", str(jar), str(source), *map(str, paths)],
+                              capture_output=True, text=True, timeout=60 + 15 * len(paths),
+                              check=False)
+        reports: dict[Path, list[str]] = {}
+        current: list[str] | None = None
+        for line in done.stdout.splitlines():
+            if line.startswith("### "):
+                current = reports.setdefault(Path(line[4:]), [])
+            elif current is not None:
+                current.append(line)
+        missing = [path for path in paths if Path(path) not in reports]
+        assert not missing, f"pixelmed did not report on {missing}: {done.stderr[-2000:]}"
+        return {Path(path): errors_and_warnings("\n".join(reports[Path(path)])) for path in paths}
+
+    return run
