@@ -1,4 +1,9 @@
-"""Localization maps: smooth upsampling for drawing, and the hot region for SR planar ROIs."""
+"""Localization maps: smooth upsampling for drawing, and where a finding is marked on its image.
+
+:func:`finding_mark` is the one rule the SR and the SC share: the rectangle around the map's
+hot area when that area localizes the finding, else the single point where the map peaks (a
+rectangle around most of the image tells a reader nothing).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from PIL import Image
 
 #: A map cell is "hot" when it reaches this fraction of the map's maximum.
 HOT_FRACTION = 0.5
+#: A hot rectangle covering more than this fraction of the image does not localize.
+MAX_REGION_FRACTION = 0.5
 
 
 def upsample(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
@@ -37,6 +44,22 @@ def hot_region_box(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray |
     left, right = min(cell_columns) * scale_column, (max(cell_columns) + 1) * scale_column
     corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
     return np.array(corners, dtype=np.float32)
+
+
+def finding_mark(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray | None:
+    """Where to mark a finding: its :func:`hot_region_box` (five points) when the box covers at
+    most ``MAX_REGION_FRACTION`` of the image, else the map's peak (one point, the centre of the
+    hottest cell), in image pixel coordinates (column, row); None for an empty map."""
+    box = hot_region_box(heatmap, rows, columns)
+    if box is None:
+        return None
+    width, height = box[1, 0] - box[0, 0], box[2, 1] - box[1, 1]
+    if width * height <= MAX_REGION_FRACTION * rows * columns:
+        return box
+    grid = np.asarray(heatmap, dtype=np.float32)
+    row, column = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    peak = ((column + 0.5) * columns / grid.shape[1], (row + 0.5) * rows / grid.shape[0])
+    return np.array([peak], dtype=np.float32)
 
 
 def _component_at_max(mask: np.ndarray, grid: np.ndarray) -> list[tuple[int, int]]:

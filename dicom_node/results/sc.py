@@ -4,7 +4,8 @@ Layout (RGB, 8 bit): a yellow banner across the top saying "AI result - not for 
 diagnosis"; below it the source image scaled down so that its longest side is at most 1024
 pixels (smaller images keep their size: enlarging adds no information), with the maps of
 the (at most three) most probable positive findings blended in, each in its own colour
-with a rectangle around its hot area (the same region the SR carries); to the right a legend
+with a rectangle around its hot area, or a ring where the map peaks when that area covers
+most of the image (the same mark the SR carries); to the right a legend
 panel with the model name and version and, per finding, the probability, the operating
 threshold and POSITIVE/negative.
 
@@ -30,7 +31,7 @@ from dicom_node.results._shared import (
     source_header,
 )
 from dicom_node.results.content import Algorithm, FindingResult, ImageResult
-from dicom_node.results.heatmap import hot_region_box, upsample
+from dicom_node.results.heatmap import finding_mark, upsample
 
 IMAGE_SIDE = 1024
 PANEL_WIDTH = 440
@@ -45,6 +46,7 @@ _MAX_ALPHA = 0.55
 _ALPHA_FLOOR = 0.2
 _ROW_HEIGHT = 48
 _MIN_BODY_HEIGHT = 480  # room for the legend below very wide images
+_PEAK_RING_RADIUS = 14
 
 _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -155,9 +157,14 @@ def _draw_image(pixels: np.ndarray, overlays: Sequence[FindingResult]) -> Image.
     image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for finding, colour in zip(overlays, OVERLAY_COLOURS, strict=False):
-        box = hot_region_box(finding.heatmap, rows=size[1], columns=size[0])
-        if box is not None:
-            draw.line([tuple(point) for point in box.tolist()], fill=colour, width=3)
+        mark = finding_mark(finding.heatmap, rows=size[1], columns=size[0])
+        if mark is None:
+            continue
+        if len(mark) > 1:
+            draw.line([tuple(point) for point in mark.tolist()], fill=colour, width=3)
+        else:  # the map does not localize: a ring where it peaks, as in the SR
+            (x, y), r = mark[0].tolist(), _PEAK_RING_RADIUS
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=3)
     return image
 
 

@@ -11,10 +11,10 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.results.content import Algorithm, FindingResult, ImageResult
-from dicom_node.results.sr import PROBABILITY, build_sr
+from dicom_node.results.sr import QUALITATIVE_EVALUATIONS, build_sr
 from dicom_node.results.uids import derive_uid
 from dicom_node.synthetic import png_to_dataset, read_labels
-from tests.dicom_node.node_helpers import decode_unit, make_findings
+from tests.dicom_node.node_helpers import blob, decode_unit, make_findings
 
 NIH_IMAGES = ("00000100_000.png", "00000075_000.png")
 
@@ -82,37 +82,71 @@ def test_synthetic_study_sr_is_valid(nih_study, algorithm, summary, tmp_path, dc
     assert dsrdump(path).returncode == 0
 
 
+def _evaluations(sr: Dataset) -> list[Dataset]:
+    """The CODE items of the Qualitative Evaluations container (TID 1500 row 13)."""
+    (container,) = [item for item in sr.ContentSequence if item.name == QUALITATIVE_EVALUATIONS]
+    return [item for item in container.ContentSequence if item.ValueType == "CODE"]
+
+
+def _percent(item: Dataset, code: hd.sr.CodedConcept) -> float:
+    (num,) = [child for child in item.ContentSequence if child.ValueType == "NUM"]
+    assert num.name == code
+    assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    return float(num.MeasuredValueSequence[0].NumericValue)
+
+
 def test_round_trip_groups_codes_and_probabilities(nih_study, algorithm, summary,
                                                    tmp_path) -> None:
     report = _read(_build(nih_study, algorithm, study_summary=summary), tmp_path / "sr.dcm")
     content = report.content
+    evaluations = _evaluations(report)
     for result in nih_study:
         uid = result.source.SOPInstanceUID
         for finding in result.findings:
             code = hd.sr.CodedConcept(finding.code.value, finding.code.scheme, finding.code.meaning)
             planar = content.get_planar_roi_measurement_groups(
                 finding_type=code, referenced_sop_instance_uid=uid)
-            image = content.get_image_measurement_groups(
-                finding_type=code, referenced_sop_instance_uid=uid)
-            groups = planar + image
-            assert len(groups) == 1, finding.name
-            group = groups[0]
-            # one planar region exactly for a positive finding with a map
-            assert bool(planar) == (finding.positive and finding.heatmap is not None)
-            (probability,) = group.get_measurements(name=PROBABILITY)
-            assert probability.value == pytest.approx(finding.probability, abs=1e-6)
-            (evaluation,) = group.get_qualitative_evaluations(name=code)
+            inferred = [item for item in evaluations if item.name == code and any(
+                child.ValueType == "IMAGE"
+                and child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+                for child in item.ContentSequence)]
             expected = codes.SCT.Present if finding.positive else codes.SCT.Absent
-            assert evaluation.value == expected
-            assert group.tracking_uid == derive_uid(
-                "tracking", uid, finding.code.scheme, finding.code.value, algorithm.name)
-    summary_groups = content.get_image_measurement_groups(
-        finding_type=hd.sr.CodedConcept(summary.code.value, summary.code.scheme,
-                                        summary.code.meaning))
-    assert len(summary_groups) == 1
-    (score,) = summary_groups[0].get_measurements(name=PROBABILITY)
-    assert score.value == pytest.approx(summary.probability)
-    assert len(summary_groups[0].source_images) == len(nih_study)
+            if finding.positive and finding.heatmap is not None:  # marked on its image
+                assert (len(planar), len(inferred)) == (1, 0), finding.name
+                group = planar[0]
+                (probability,) = group.get_measurements(name=code)
+                assert probability.value == pytest.approx(100 * finding.probability, abs=1e-3)
+                assert probability.unit == codes.UCUM.Percent
+                (evaluation,) = group.get_qualitative_evaluations(name=code)
+                assert evaluation.value == expected
+                assert group.tracking_uid == derive_uid(
+                    "tracking", uid, finding.code.scheme, finding.code.value, algorithm.name)
+            else:  # in the SR for archives, out of the viewer's way
+                assert (len(planar), len(inferred)) == (0, 1), finding.name
+                assert inferred[0].ConceptCodeSequence[0].CodeValue == expected.value
+                assert _percent(inferred[0], code) == pytest.approx(100 * finding.probability,
+                                                                     abs=1e-3)
+    summary_code = hd.sr.CodedConcept(summary.code.value, summary.code.scheme,
+                                      summary.code.meaning)
+    (score,) = [item for item in evaluations if item.name == summary_code]
+    assert _percent(score, summary_code) == pytest.approx(100 * summary.probability)
+    images = [child for child in score.ContentSequence if child.ValueType == "IMAGE"]
+    assert len(images) == len(nih_study)
+
+
+def test_every_measurement_group_has_one_region_on_one_image(nih_study, algorithm, summary,
+                                                              tmp_path) -> None:
+    """What OHIF requires of each Measurement Group (it fails on a group without a SCOORD)."""
+    report = _read(_build(nih_study, algorithm, study_summary=summary), tmp_path / "sr.dcm")
+    (measurements,) = [item for item in report.ContentSequence
+                       if item.name == codes.DCM.ImagingMeasurements]
+    groups = measurements.ContentSequence
+    assert len(groups) == 2  # one positive mapped finding per image
+    for group in groups:
+        scoords = [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
+        assert len(scoords) == 1
+        (image,) = scoords[0].ContentSequence
+        assert image.ValueType == "IMAGE"
 
 
 def test_regions_lie_on_the_right_image(nih_study, algorithm, tmp_path) -> None:
@@ -137,15 +171,15 @@ def test_regions_lie_on_the_right_image(nih_study, algorithm, tmp_path) -> None:
 
 def test_every_group_identifies_the_algorithm(nih_study, algorithm, summary, tmp_path) -> None:
     report = _read(_build(nih_study, algorithm, study_summary=summary), tmp_path / "sr.dcm")
-    groups = (report.content.get_planar_roi_measurement_groups()
-              + report.content.get_image_measurement_groups())
-    assert len(groups) == 2 * 3 + 1
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
     for group in groups:
         texts = {(item.name.value, item.value) for item in group[0].ContentSequence
                  if item.ValueType == "TEXT"}
         assert ("111001", algorithm.name) in texts
         assert ("111003", algorithm.version) in texts
         assert ("111002", "input_size=224") in texts
+        assert ("111002", "operating_threshold=0.5") in texts
 
 
 def test_document_says_what_produced_it(rg1_result, rg1, algorithm, tmp_path) -> None:
@@ -161,7 +195,7 @@ def test_document_says_what_produced_it(rg1_result, rg1, algorithm, tmp_path) ->
                 for item in sr.ContributingEquipmentSequence}
     assert ("Pleura", "demo", "109102") in purposes
     procedure = [item for item in sr.ContentSequence if item.name == codes.DCM.ProcedureReported]
-    assert procedure[0].value.value == "399208008"
+    assert procedure[0].value.value == "363679005"  # CID 100 "Imaging procedure"
     comments = [item.value for container in sr.ContentSequence
                 if container.name.value == "C0034375" for item in container.ContentSequence]
     assert any("not for primary diagnosis" in text for text in comments)
@@ -205,15 +239,33 @@ def test_nothing_to_report_is_refused(rg1, algorithm) -> None:
         _build([empty], algorithm)
 
 
-def test_summary_alone_is_enough(rg1, algorithm, summary) -> None:
+def test_summary_alone_is_enough(rg1, algorithm, summary, tmp_path, pixelmed_sr) -> None:
     empty = ImageResult(rg1, np.zeros((4, 4), np.float32), ())
-    sr = hd.sr.Comprehensive3DSR.from_dataset(_build([empty], algorithm, study_summary=summary))
-    assert len(sr.content.get_image_measurement_groups()) == 1
+    built = _build([empty], algorithm, study_summary=summary)
+    containers = [item.name for item in built.ContentSequence if item.ValueType == "CONTAINER"]
+    assert codes.DCM.ImagingMeasurements not in containers  # no empty container
+    assert QUALITATIVE_EVALUATIONS in containers
+    assert len(_evaluations(built)) == 1
+    built.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert pixelmed_sr([tmp_path / "sr.dcm"])[tmp_path / "sr.dcm"][0] == []
 
 
-def test_negative_map_gets_no_region(rg1, algorithm) -> None:
+def test_flat_map_is_not_marked(rg1, algorithm) -> None:
     flat = FindingResult("Cardiomegaly", make_findings()[0].code, 0.9, 0.5, np.zeros((8, 8)))
     built = _build([ImageResult(rg1, np.zeros((4, 4), np.float32), (flat,))], algorithm)
     sr = hd.sr.Comprehensive3DSR.from_dataset(built)
     assert sr.content.get_planar_roi_measurement_groups() == []
-    assert len(sr.content.get_image_measurement_groups()) == 1
+    (evaluation,) = _evaluations(built)
+    assert evaluation.ConceptCodeSequence[0].CodeValue == codes.SCT.Present.value
+
+
+def test_map_that_does_not_localize_is_marked_at_its_peak(rg1, algorithm) -> None:
+    """A hot area over most of the image is a point where the map peaks, not a frame."""
+    broad = 0.8 + 0.2 * blob((16, 16), centre=(0.25, 0.7), sigma=0.3)
+    finding = FindingResult("Cardiomegaly", make_findings()[0].code, 0.9, 0.5, broad)
+    built = _build([ImageResult(rg1, np.zeros((4, 4), np.float32), (finding,))], algorithm)
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(built).content \
+        .get_planar_roi_measurement_groups()
+    assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POINT
+    (column, row) = group.roi.value[0] / [rg1.Columns, rg1.Rows]
+    assert (row, column) == pytest.approx((0.25, 0.7), abs=1 / 16)

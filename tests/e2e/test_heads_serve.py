@@ -121,14 +121,13 @@ def test_trained_head_becomes_a_bundle_version_the_worker_serves(nih: Path, pg_u
     versions = {i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Version"}
     assert versions == {version}
 
-    def coded(value: str) -> int:
-        return sum(i.ConceptNameCodeSequence[0].CodeValue == value
-                   or i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == value for i in items)
+    def probability_items(value: str) -> int:  # one NUM per finding, named by its code
+        return sum(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == value for i in items)
 
-    # the encoder's Effusion and the head's share SNOMED CT 60046008: twice the items of one finding
-    assert coded("60046008") == 2 * coded("8186001") > 0
-    probabilities = [float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"
-                     and i.ConceptNameCodeSequence[0].CodeMeaning.lower().startswith("probability")]
+    # the encoder's Effusion and the head's share SNOMED CT 60046008: two findings, two NUMs
+    assert probability_items("60046008") == 2 * probability_items("8186001") == 2
+    probabilities = [float(i.MeasuredValueSequence[0].NumericValue) / 100 for i in items if i.ValueType == "NUM"
+                     and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"]
     assert any(p == pytest.approx(served.probability, abs=1e-4) for p in probabilities)
     parameters = {i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"}
     assert f"operating_threshold={head['threshold']:.6g}" in parameters

@@ -1,6 +1,7 @@
-"""Issue 4, must show 1, 2 and 4: what the demo model really produces for 20 NIH-derived studies
-and the real CR is valid DICOM, has one region per positive finding on the right image, and
-ineligible studies (lateral only, not chest) get ledger reasons and no results."""
+"""Issue 4, must show 1, 2 and 4, and issue 14, must show 2: what the demo model really produces
+for 20 NIH-derived studies and the real CR is valid DICOM (0 errors from dciodvfy, dsrdump and
+pixelmed's DicomSRValidator), has one region per positive finding on the right image, and
+ineligible studies (lateral only, not chest) get ledger reasons."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ N_STUDIES = 20
 
 @pytest.mark.integration
 def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: ignore[no-untyped-def]
-    nih: Path, real_cr: Path, tmp_path: Path, dciodvfy, dsrdump
+    nih: Path, real_cr: Path, tmp_path: Path, dciodvfy, dsrdump, pixelmed_sr
 ) -> None:
     inputs = tmp_path / "inputs"
     pleura_run({}, "synth", "--images", str(nih / "images"), "--labels", str(nih / "labels.csv"),
@@ -63,13 +64,13 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
             positives.setdefault(sop, set()).add(finding)
         db.close()
 
-        srs = 0
+        srs = []
         for path in files:
             errors, _warnings = dciodvfy(path)
             assert errors == [], f"{path.name}: {errors}"
             if dcmread(path, stop_before_pixels=True).SOPClassUID != Comprehensive3DSRStorage:
                 continue
-            srs += 1
+            srs.append(path)
             assert dsrdump(path).returncode == 0
             report = hd.sr.srread(path)
             source = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
@@ -80,7 +81,11 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
             for group in groups:
                 reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
                 assert reference.ReferencedSOPInstanceUID == sop  # the region lies on the right image
-        assert srs == N_STUDIES + 1
+        assert len(srs) == N_STUDIES + 1
+        pixelmed = pixelmed_sr(srs)
+        assert {path.name: errors for path, (errors, _) in pixelmed.items() if errors} == {}
+        warnings = sorted({line.split(": ")[-1] for _, lines in pixelmed.values() for line in lines})
+        print(f"pixelmed DicomSRValidator: {len(srs)} SRs, 0 errors; kinds of warning: {warnings}")
     except BaseException:
         print(serve.tail())
         raise
