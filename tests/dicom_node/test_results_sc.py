@@ -20,7 +20,7 @@ from dicom_node.results.sc import (
 )
 from dicom_node.results.uids import derive_uid
 from dicom_node.synthetic import png_to_dataset, read_labels
-from tests.dicom_node.node_helpers import decode_unit, make_findings
+from tests.dicom_node.node_helpers import blob, decode_unit, make_findings
 
 
 def _build(result: ImageResult, algorithm: Algorithm) -> Dataset:
@@ -121,3 +121,19 @@ def test_no_positive_finding_means_no_colour(rg1_result: ImageResult, algorithm)
     image = sc.pixel_array[BANNER_HEIGHT:, :image_columns].astype(int)
     assert np.abs(image[..., 0] - image[..., 1]).max() == 0
     assert np.abs(image[..., 1] - image[..., 2]).max() == 0
+
+
+def test_map_that_does_not_localize_gets_a_ring_at_its_peak(rg1_result: ImageResult,
+                                                            algorithm) -> None:
+    """Same rule as the SR: no frame around most of the image, a ring where the map peaks."""
+    broad = 0.8 + 0.2 * blob((16, 16), centre=(0.25, 0.7), sigma=0.3)
+    finding = FindingResult("Cardiomegaly", make_findings()[0].code, 0.9, 0.5, broad)
+    sc = _build(ImageResult(rg1_result.source, rg1_result.pixels, (finding,)), algorithm)
+    columns = round(rg1_result.source.Columns * IMAGE_SIDE / rg1_result.source.Rows)
+    image = sc.pixel_array[BANNER_HEIGHT:, :columns].astype(int)
+    drawn = np.all(image == OVERLAY_COLOURS[0], axis=2)
+    rows, cols = np.nonzero(drawn)
+    assert len(rows) > 0
+    centre = (rows.mean() / IMAGE_SIDE, cols.mean() / columns)
+    assert centre == pytest.approx((0.25, 0.7), abs=1 / 16 + 0.01)
+    assert np.ptp(rows) < 40 and np.ptp(cols) < 40  # a small ring, not a frame
