@@ -2,6 +2,18 @@
 
 Returns a reason (stored in the ledger and shown by ``pleura status``) or None when eligible.
 Absent attributes do not exclude an image: many PACS strip BodyPartExamined or ViewPosition.
+
+Refusals come in two kinds (:class:`Refusal`):
+
+- **outside the chest domain**: our own objects, non-images, hostile headers, other modalities
+  and body parts. Nothing is said to the reader: the study was never the model's business.
+- **chest domain**: a chest X-ray that the bundle's intended use excludes (a view it was not
+  made for, a patient below its minimum age, a photometric interpretation it cannot read) or
+  whose pixels cannot be decoded (:func:`undecodable`). The reader is told in the study that
+  the model did not analyse it and why (``Refusal.notice``, plain words without patient data).
+
+The rules run in that order, so an image is chest domain only after modality and body part
+passed (e.g. a knee radiograph of a child is refused for its body part, silently).
 """
 
 from __future__ import annotations
@@ -36,36 +48,69 @@ MAX_SEQUENCE_DEPTH = 32
 OWN_MANUFACTURER = "Pleura"
 
 
-def check(ds: Dataset, intended_use: dict) -> str | None:
+class Refusal(str):
+    """Why an image is not eligible: the reason text (a ``str``, as the ledger stores it) and,
+    for a chest-domain refusal, ``notice``: the same in plain words for the radiologist, e.g.
+    ``lateral view (the model is intended for AP or PA views)``; None outside the chest domain.
+
+    A ``str`` so that every caller that only wants the reason keeps working unchanged.
+    """
+
+    notice: str | None
+
+    def __new__(cls, reason: str, notice: str | None = None) -> Refusal:
+        refusal = super().__new__(cls, reason)
+        refusal.notice = notice
+        return refusal
+
+    @property
+    def chest_domain(self) -> bool:
+        """A chest X-ray the model may not read: the reader is told (see the module docstring)."""
+        return self.notice is not None
+
+
+def undecodable(reason: str) -> Refusal:
+    """A chest X-ray in the intended use whose pixels could not be decoded (``reason``: the
+    decoder's message, for the ledger)."""
+    return Refusal(reason, "the image pixel data could not be decoded")
+
+
+def check(ds: Dataset, intended_use: dict) -> Refusal | None:
     """Why ``ds`` (a header) is not eligible for the bundle, or None if it is."""
     if str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER:
-        return "produced by Pleura"
+        return Refusal("produced by Pleura")
     if "Rows" not in ds or "Columns" not in ds:
-        return f"not an image (SOP class {UID(str(ds.get('SOPClassUID', ''))).name})"
+        return Refusal(f"not an image (SOP class {UID(str(ds.get('SOPClassUID', ''))).name})")
     if _nesting_depth(ds) > MAX_SEQUENCE_DEPTH:
-        return f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels"
+        return Refusal(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
     modality = str(ds.get("Modality", "")).upper()
     modalities = {m.upper() for m in intended_use.get("modalities", ["CR", "DX"])}
     is_sc = str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE
     if modality not in modalities and not (is_sc and _looks_like_chest(ds)):
-        return f"modality {modality or 'missing'} not in intended use {sorted(modalities)}"
+        return Refusal(f"modality {modality or 'missing'} not in intended use {sorted(modalities)}")
     body_part = str(ds.get("BodyPartExamined", "")).upper()
     body_parts = {b.upper() for b in intended_use.get("body_parts", ["CHEST"])}
     if "CHEST" in body_parts:
         body_parts |= _CHEST_WORDS
     if body_part and body_part not in body_parts:
-        return f"body part {body_part} not in intended use {sorted(intended_use.get('body_parts', ['CHEST']))}"
+        return Refusal(
+            f"body part {body_part} not in intended use {sorted(intended_use.get('body_parts', ['CHEST']))}")
+    # from here on: a chest X-ray (or an image that does not say it is not one)
     view = str(ds.get("ViewPosition", "")).upper()
     views = {v.upper() for v in intended_use.get("views", ["PA", "AP"])}
     if view in _LATERAL_VIEWS or (view and view not in views):
-        return f"view {view} not in intended use {sorted(views)}"
+        intended = f"the model is intended for {' or '.join(sorted(views)) or 'no'} views"
+        what = "lateral view" if view in _LATERAL_VIEWS else f"view position {view[:16]}"
+        return Refusal(f"view {view} not in intended use {sorted(views)}", f"{what} ({intended})")
     min_age = intended_use.get("min_age_years")
     age = age_in_years(str(ds.get("PatientAge", "")))
     if min_age is not None and age is not None and age < float(min_age):
-        return f"patient age below the intended minimum of {min_age} years"
+        reason = f"patient age below the intended minimum of {min_age} years"
+        return Refusal(reason, reason)  # the minimum, never the patient's age
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
-        return f"photometric interpretation {photometric or 'missing'} unsupported"
+        return Refusal(f"photometric interpretation {photometric or 'missing'} unsupported",
+                       f"image type not supported (photometric interpretation {photometric[:16] or 'missing'})")
     return None
 
 

@@ -4,6 +4,14 @@ Eligibility gate, decoding, batched inference and the result objects; the ledger
 written in one finishing transaction, and only while this worker's lease holds. An image
 prepared on arrival (worker.prepare) is taken from the cache, its header alone read again;
 the others are decoded and inferred here. Either way the job builds the same SR and SC.
+
+A study with no eligible image gets no SR or SC. When at least one of its images is a chest
+X-ray that the gate refused for a chest-domain reason (worker.eligibility.Refusal: view, age,
+photometric interpretation, undecodable pixels) it gets a not-analysed notice instead (an
+Enhanced SR saying so and why; ``PLEURA_NOTIFY_NOT_ANALYSED=false`` turns it off), recorded
+and delivered like the others under the kind ``SR-NA``. The notice is a document of its own:
+the findings SR of a later revision that has an eligible image does not name it as its
+predecessor (it incorporates nothing of it); a later notice for the same study does.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.pixels import UndecodableImage, decode
 from dicom_node.results.content import Algorithm, FindingResult, ImageResult
+from dicom_node.results.not_analysed import build_not_analysed
 from dicom_node.results.sc import build_sc, display_image
 from dicom_node.results.sr import build_sr
 from dicom_node.results.uids import derive_uid
@@ -49,8 +58,14 @@ log = structlog.get_logger(__name__)
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+NOT_ANALYSED_SERIES_NUMBER = 9903
+#: ``output_objects.kind`` of each object the pipeline produces.
+SR_KIND, SC_KIND, NOT_ANALYSED_KIND = "SR", "SC", "SR-NA"
 #: Name of the bundle finding used as the study-level triage summary, when the bundle has it.
 SUMMARY_FINDING = "Abnormal"
+#: ``studies.note`` of a study without an eligible image, with and without a not-analysed notice.
+_NOTE_NO_ELIGIBLE = "no eligible images"
+_NOTE_NOT_ANALYSED = "no eligible images; not-analysed SR produced"
 #: One per process: jobs suspected of killing it run alone.
 ISOLATION = Isolation()
 
@@ -117,14 +132,8 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             _Source(i.id, i.sop_instance_uid, i.spool_path, i.sha256, number)
             for number, i in enumerate(sorted(job.study.instances, key=lambda i: i.id), start=1)
         ]
-        previous_sr = s.scalars(
-            select(OutputObject)
-            .join(Job)
-            .where(Job.study_id == job.study_id, Job.bundle_name == engine.bundle.name,
-                   OutputObject.kind == "SR", Job.id != job_id)
-            .order_by(OutputObject.created_at.desc())
-        ).first()
-        previous_sr_path = previous_sr.path if previous_sr else None
+        previous_sr_path = _previous_path(s, job, engine.bundle.name, SR_KIND)
+        previous_notice_path = _previous_path(s, job, engine.bundle.name, NOT_ANALYSED_KIND)
 
     cache = PreparedCache.of(rt.settings, engine.bundle)
     t0 = time.perf_counter()
@@ -133,6 +142,8 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
     results, embeddings = _infer(rt.batcher(), engine, eligible)
     t2 = time.perf_counter()
     outputs = _build_outputs(rt, engine, study_uid, revision, results, eligible, previous_sr_path)
+    if not eligible and rt.settings.notify_not_analysed:
+        outputs = _build_not_analysed(rt, engine, study_uid, revision, sources, reasons, previous_notice_path)
     # seconds per step, for the audit trail: read+decode, preprocess+inference, SR/SC build+write;
     # and how many images came prepared on arrival (read: header only; inference: none)
     timings = {"decode_s": round(t1 - t0, 4), "inference_s": round(t2 - t1, 4),
@@ -148,7 +159,8 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         for source in sources:
             instance = s.get(Instance, source.instance_id)
             assert instance is not None
-            instance.ineligible_reason = reasons.get(source.instance_id)
+            reason = reasons.get(source.instance_id)
+            instance.ineligible_reason = str(reason) if reason is not None else None  # a plain str
         for (source, _ds, _px), result in zip(eligible, results, strict=True):
             for f in result.findings:
                 s.add(Finding(job_id=job_id, instance_id=source.instance_id, finding=f.name,
@@ -169,7 +181,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
         assert study is not None
         if study.revision == job.revision:
             study.state, study.done_at = StudyState.DONE, now
-            study.note = None if eligible else "no eligible images"
+            study.note = None if eligible else _NOTE_NOT_ANALYSED if outputs else _NOTE_NO_ELIGIBLE
         record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
                skipped=len(reasons), outputs=len(outputs), backend=engine.backend, timings=timings)
     cache.discard(source.sha256 for source in sources)  # the spool keeps the sources
@@ -187,18 +199,32 @@ def _no_cache(_sha256: str) -> Prepared | None:
     return None
 
 
+def _previous_path(s: Session, job: Job, bundle_name: str, kind: str) -> str | None:
+    """The newest object of ``kind`` that another job of this study made with this bundle."""
+    previous = s.scalars(
+        select(OutputObject)
+        .join(Job)
+        .where(Job.study_id == job.study_id, Job.bundle_name == bundle_name,
+               OutputObject.kind == kind, Job.id != job.id)
+        .order_by(OutputObject.created_at.desc())
+    ).first()
+    return previous.path if previous else None
+
+
 def _gate(
     sources: list[_Source], intended_use: dict, prepared: Callable[[str], Prepared | None] = _no_cache
-) -> tuple[list[_Eligible], dict[int, str]]:
+) -> tuple[list[_Eligible], dict[int, eligibility.Refusal]]:
     """Read, check and decode every instance; return the eligible ones and the reasons of the rest.
 
     An instance with a ``prepared(sha256)`` entry is not decoded: its header is read and
     checked again (the bundle's intended use decides, as for any other image).
     A hostile or broken file costs only its own image: any failure becomes its reason (the
-    exception's type, never its message, which may quote attribute values).
+    exception's type, never its message, which may quote attribute values). Only the gate's
+    chest-domain refusals and pixels that cannot be decoded are chest domain; a file that
+    cannot be read or parsed is not (nothing says it is a chest X-ray).
     """
     eligible: list[_Eligible] = []
-    reasons: dict[int, str] = {}
+    reasons: dict[int, eligibility.Refusal] = {}
     for source in sources:
         entry = prepared(source.sha256)
         try:
@@ -206,19 +232,19 @@ def _gate(
         except MemoryError:
             raise
         except Exception as exc:  # unreadable file: reason in the ledger, study goes on
-            reasons[source.instance_id] = f"unreadable: {type(exc).__name__}"
+            reasons[source.instance_id] = eligibility.Refusal(f"unreadable: {type(exc).__name__}")
             continue
         try:
             reason = eligibility.check(ds, intended_use)
             if reason is None:
                 eligible.append((source, ds, entry if entry is not None else decode(ds)))
                 continue
-        except UndecodableImage as exc:
-            reason = str(exc)
+        except UndecodableImage as exc:  # passed the gate: a chest X-ray the model cannot read
+            reason = eligibility.undecodable(str(exc))
         except MemoryError:  # the machine's state, not the image's: the job fails and is retried
             raise
         except Exception as exc:  # e.g. an attribute that cannot be parsed, nesting too deep
-            reason = f"invalid header: {type(exc).__name__}"
+            reason = eligibility.Refusal(f"invalid header: {type(exc).__name__}")
         reasons[source.instance_id] = reason
     return eligible, reasons
 
@@ -251,18 +277,10 @@ def _build_outputs(
     """One SR per study revision and one SC per image, with UIDs derived from the inputs."""
     if not results:
         return []
-    bundle = engine.bundle
-    algorithm = Algorithm(
-        name=bundle.name,
-        manufacturer=eligibility.OWN_MANUFACTURER,
-        version=bundle.version,
-        software_version=__version__,
-        parameters={"model_sha256": bundle.model_sha256[:16]},
-    )
+    algorithm, model = _algorithm(engine)
     input_key = hashlib.sha256(
         "|".join(f"{src.sop_instance_uid}:{src.sha256}" for src, _, _ in eligible).encode()
     ).hexdigest()
-    model = (bundle.name, bundle.version, bundle.model_sha256[:16])  # weights, not just the label
     folder = rt.settings.outbox_dir / study_uid
     outputs: list[_Output] = []
     for (source, _ds, _px), result in zip(eligible, results, strict=True):
@@ -275,7 +293,7 @@ def _build_outputs(
             series_number=SC_SERIES_NUMBER,
             instance_number=source.number,
         )
-        outputs.append(_Output("SC", sc, folder / f"{sc_uid}.dcm", source.sop_instance_uid))
+        outputs.append(_Output(SC_KIND, sc, folder / f"{sc_uid}.dcm", source.sop_instance_uid))
     predecessor = dcmread(previous_sr_path) if previous_sr_path else None
     sr_uid = derive_uid("sr", study_uid, input_key, *model)
     if predecessor is not None and str(predecessor.SOPInstanceUID) == sr_uid:
@@ -291,13 +309,83 @@ def _build_outputs(
         study_summary=_summary(results),
     )
     outputs.append(
-        _Output("SR", sr, folder / f"{sr_uid}.dcm",
+        _Output(SR_KIND, sr, folder / f"{sr_uid}.dcm",
                 predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)
     )
+    _write(outputs)
+    return outputs
+
+
+def _build_not_analysed(
+    rt: Runtime,
+    engine: Engine,
+    study_uid: str,
+    revision: int,
+    sources: list[_Source],
+    reasons: dict[int, eligibility.Refusal],
+    previous_path: str | None,
+) -> list[_Output]:
+    """The not-analysed notice for a study without an eligible image, when at least one of its
+    images was refused for a chest-domain reason; else nothing.
+
+    It covers those images (its evidence) and says each distinct reason once, in arrival
+    order. Its UID is derived from them (SOP Instance UID, bytes, reason) and the model, so the
+    same refusals give the same notice, and an image outside the chest domain arriving later
+    changes nothing.
+    """
+    refused = [(source, reasons[source.instance_id]) for source in sources
+               if source.instance_id in reasons and reasons[source.instance_id].chest_domain]
+    if not refused:
+        return []
+    algorithm, model = _algorithm(engine)
+    notices = list(dict.fromkeys(str(refusal.notice) for _, refusal in refused))
+    input_key = hashlib.sha256("|".join(
+        f"{source.sop_instance_uid}:{source.sha256}:{refusal.notice}" for source, refusal in refused
+    ).encode()).hexdigest()
+    uid = derive_uid("not-analysed", study_uid, input_key, *model)
+    predecessor = dcmread(previous_path, stop_before_pixels=True) if previous_path else None
+    if predecessor is not None and str(predecessor.SOPInstanceUID) == uid:
+        predecessor = None
+    try:
+        notice = build_not_analysed(
+            [dcmread(source.path, stop_before_pixels=True) for source, _ in refused],  # read by the gate
+            algorithm,
+            "; ".join(notices),
+            series_instance_uid=derive_uid("not-analysed-series", study_uid, *model),
+            sop_instance_uid=uid,
+            series_number=NOT_ANALYSED_SERIES_NUMBER,
+            instance_number=revision,
+            predecessor=predecessor,
+        )
+        outputs = [_Output(NOT_ANALYSED_KIND, notice, rt.settings.outbox_dir / study_uid / f"{uid}.dcm",
+                           predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)]
+        _write(outputs)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a header the SR cannot carry: the study ends without a notice, not FAILED
+        log.warning("not-analysed SR not built", error=type(exc).__name__)  # the type: messages quote values
+        return []
+    return outputs
+
+
+def _algorithm(engine: Engine) -> tuple[Algorithm, tuple[str, str, str]]:
+    """What the result objects say produced them, and the parts of their UIDs that name the
+    model (its weights, not just its label)."""
+    bundle = engine.bundle
+    algorithm = Algorithm(
+        name=bundle.name,
+        manufacturer=eligibility.OWN_MANUFACTURER,
+        version=bundle.version,
+        software_version=__version__,
+        parameters={"model_sha256": bundle.model_sha256[:16]},
+    )
+    return algorithm, (bundle.name, bundle.version, bundle.model_sha256[:16])
+
+
+def _write(outputs: list[_Output]) -> None:
     for output in outputs:  # an object already written (same UID) keeps its bytes
         if not output.path.exists():
             atomic_write(output.path, _encode(output.dataset))
-    return outputs
 
 
 def _encode(ds: Dataset) -> bytes:

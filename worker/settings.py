@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     study_quiet_seconds: float = 10.0
     prepare_on_arrival: bool = True
+    #: A chest X-ray study the gate refuses for a chest-domain reason (view, age, photometric
+    #: interpretation, undecodable pixels) gets a not-analysed SR saying so; false: nothing.
+    notify_not_analysed: bool = True
     model: str = "demo"
     models_dir: Path | None = None
     backend: str = "auto"

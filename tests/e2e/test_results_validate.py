@@ -1,7 +1,9 @@
 """Issue 4, must show 1, 2 and 4, and issue 14, must show 2: what the demo model really produces
 for 20 NIH-derived studies and the real CR is valid DICOM (0 errors from dciodvfy, dsrdump and
 pixelmed's DicomSRValidator), has one region per positive finding on the right image, and
-ineligible studies (lateral only, not chest) get ledger reasons."""
+ineligible studies (lateral only, not chest) get ledger reasons and no findings: the lateral
+chest study a not-analysed SR instead (issue 14, "Not analysed" is visible), the knee study
+nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from pydicom import dcmread
-from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 
 from tests.e2e.harness import embedded_env, pleura, pleura_run, storescp, wait_for, wait_port
 from tests.support import free_port
@@ -41,7 +43,7 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
     port = free_port()
     env = embedded_env(tmp_path, port, dest_port, QUIET)
     serve = pleura("serve", env, tmp_path / "serve.log")
-    expected = 2 * (N_STUDIES + 1)  # SR + SC per eligible single-image study, none for the other two
+    expected = 2 * (N_STUDIES + 1) + 1  # SR + SC per eligible single-image study, the lateral's notice
     try:
         wait_port(port, serve, timeout=120)
         pleura_run({}, "send", "127.0.0.1", str(port), str(inputs))
@@ -56,19 +58,23 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
                                   "WHERE ineligible_reason IS NOT NULL").fetchall())
         assert reasons == {lateral.SOPInstanceUID: "view LL not in intended use ['AP', 'PA']",
                            knee.SOPInstanceUID: "body part KNEE not in intended use ['CHEST']"}
-        notes = db.execute("SELECT count(*) FROM studies WHERE note = 'no eligible images'").fetchone()[0]
-        assert notes == 2
+        notes = dict(db.execute("SELECT note, count(*) FROM studies WHERE note IS NOT NULL GROUP BY note"))
+        assert notes == {"no eligible images": 1, "no eligible images; not-analysed SR produced": 1}
         positives = {}
         for sop, finding in db.execute("SELECT i.sop_instance_uid, f.finding FROM findings f "
                                        "JOIN instances i ON i.id = f.instance_id WHERE f.positive"):
             positives.setdefault(sop, set()).add(finding)
         db.close()
 
-        srs = []
+        srs, notices = [], []
         for path in files:
             errors, _warnings = dciodvfy(path)
             assert errors == [], f"{path.name}: {errors}"
-            if dcmread(path, stop_before_pixels=True).SOPClassUID != Comprehensive3DSRStorage:
+            header = dcmread(path, stop_before_pixels=True)
+            if header.SOPClassUID == EnhancedSRStorage:  # the not-analysed SR (its validators: issue 14's tests)
+                notices.append(header.StudyInstanceUID)
+                assert dsrdump(path).returncode == 0
+            if header.SOPClassUID != Comprehensive3DSRStorage:
                 continue
             srs.append(path)
             assert dsrdump(path).returncode == 0
@@ -82,6 +88,7 @@ def test_demo_results_validate_and_ineligible_studies_get_reasons(  # type: igno
                 reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
                 assert reference.ReferencedSOPInstanceUID == sop  # the region lies on the right image
         assert len(srs) == N_STUDIES + 1
+        assert notices == [lateral.StudyInstanceUID]
         pixelmed = pixelmed_sr(srs)
         assert {path.name: errors for path, (errors, _) in pixelmed.items() if errors} == {}
         warnings = sorted({line.split(": ")[-1] for _, lines in pixelmed.values() for line in lines})
