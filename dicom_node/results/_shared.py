@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.results.content import Algorithm
+from dicom_node.results.sanitize import clean_header
 
 #: Burned into every SC and written into every SR.
 DISCLAIMER = "AI result - not for primary diagnosis"
@@ -31,11 +30,16 @@ def series_description(kind: str, algorithm: Algorithm) -> str:
 
 
 def source_header(source: Dataset) -> Dataset:
-    """A copy of ``source`` without pixel data; missing type 2 identity attributes empty."""
-    header = Dataset()
-    for element in source:
-        if element.tag not in _PIXEL_TAGS:
-            header.add(copy.deepcopy(element))
+    """A copy of ``source`` without pixel data, made safe to copy into Pleura's objects.
+
+    The attributes that reach the SR or SC are valid for their VR
+    (:func:`dicom_node.results.sanitize.clean_header`: corrected, truncated, emptied or
+    dropped; text decoded, Specific Character Set ISO_IR 192 when the source's did not match
+    its bytes); missing Type 2 identity attributes are added empty. Raises
+    :class:`~dicom_node.results.sanitize.InvalidSource` (a ValueError) for an invalid Study,
+    Series, SOP Instance or SOP Class UID.
+    """
+    header, _changes = clean_header(source, skip=_PIXEL_TAGS)
     for keyword in _TYPE2_IDENTITY:
         if keyword not in header:
             setattr(header, keyword, None)

@@ -92,6 +92,8 @@ def build_sc(
     for keyword in ("BodyPartExamined", "Laterality"):  # lets validators see a chest
         if source.get(keyword):
             setattr(sc, keyword, source[keyword].value)
+    if "BodyPartExamined" not in sc and "Laterality" not in sc:
+        sc.Laterality = None  # 2C: whether the (unknown) body part is paired is unknown
     _describe_derivation(sc, source, algorithm)
     return sc
 
