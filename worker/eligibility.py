@@ -19,6 +19,7 @@ passed (e.g. a knee radiograph of a child is refused for its body part, silently
 from __future__ import annotations
 
 import re
+from datetime import date
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
@@ -31,14 +32,38 @@ _SECONDARY_CAPTURE = {
 }
 _CHEST_WORDS = {"CHEST", "THORAX", "LUNG", "TORAX", "THORAX_CHEST"}
 _LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "RLD", "LLD"}
-_AGE = re.compile(r"^(\d{3})([DWMY])$")
+#: An AS value, also as dirty PACS send it (``8Y``, ``62 y``); a bare number has no unit.
+_AGE = re.compile(r"^(\d{1,3})\s*([DWMY])$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 
 
 def age_in_years(patient_age: str) -> float | None:
-    """Parse an AS value such as ``061Y``; None when absent or malformed."""
+    """Parse an AS value such as ``061Y`` (or ``8Y``); None when absent or without a unit."""
     match = _AGE.match(patient_age.strip()) if patient_age else None
-    return int(match[1]) * _AGE_UNIT_YEARS[match[2]] if match else None
+    return int(match[1]) * _AGE_UNIT_YEARS[match[2].upper()] if match else None
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """Patient's Age, else the years from Patient's Birth Date to the Study Date; None if unknown.
+
+    A child whose PACS sends no usable age must not be read by an adult-only model.
+    """
+    age = age_in_years(str(ds.get("PatientAge", "")))
+    if age is not None:
+        return age
+    birth, study = (_date(str(ds.get(k, ""))) for k in ("PatientBirthDate", "StudyDate"))
+    return (study - birth).days / 365.25 if birth and study and study >= birth else None
+
+
+def _date(value: str) -> date | None:
+    match = _DATE.match(value.strip())
+    if match is None:
+        return None
+    try:
+        return date(int(match[1]), int(match[2]), int(match[3]))
+    except ValueError:
+        return None
 
 
 #: Deepest sequence nesting accepted; images nest a few levels, a hostile header thousands.
@@ -103,7 +128,7 @@ def check(ds: Dataset, intended_use: dict) -> Refusal | None:
         what = "lateral view" if view in _LATERAL_VIEWS else f"view position {view[:16]}"
         return Refusal(f"view {view} not in intended use {sorted(views)}", f"{what} ({intended})")
     min_age = intended_use.get("min_age_years")
-    age = age_in_years(str(ds.get("PatientAge", "")))
+    age = patient_age_years(ds)
     if min_age is not None and age is not None and age < float(min_age):
         reason = f"patient age below the intended minimum of {min_age} years"
         return Refusal(reason, reason)  # the minimum, never the patient's age

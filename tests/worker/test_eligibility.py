@@ -50,3 +50,19 @@ def test_missing_attributes_do_not_exclude() -> None:
 
 def test_age_parsing() -> None:
     assert age_in_years("061Y") == 61 and age_in_years("006M") == 0.5 and age_in_years("") is None
+    assert age_in_years("8Y") == 8 and age_in_years("62 y") == 62  # dirty but unambiguous
+    assert age_in_years("62") is None  # no unit: unknown
+
+
+def test_child_without_a_usable_age_is_refused_by_birth_date() -> None:
+    """A dirty or missing Patient's Age fails closed when the dates tell the age."""
+    for age in ("8", None):
+        ds = _image(PatientBirthDate="20150301", StudyDate="20230415")
+        if age is None:
+            del ds.PatientAge
+        else:
+            ds.PatientAge = age
+        assert check(ds, USE) == "patient age below the intended minimum of 18 years"
+    adult = _image(PatientAge="62", PatientBirthDate="19610301", StudyDate="20230415")
+    assert check(adult, USE) is None
+    assert check(_image(PatientAge="8Y"), USE) == "patient age below the intended minimum of 18 years"
