@@ -95,11 +95,11 @@ def dsrdump() -> Callable[[Path], subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
-def pixelmed_sr() -> Callable[[list[Path]], dict[Path, tuple[list[str], list[str]]]]:
-    """Run pixelmed's DicomSRValidator (Debian pixelmed-apps) over SR files in one JVM.
+def pixelmed_sr() -> Iterator[Callable[[list[Path]], dict[Path, tuple[list[str], list[str]]]]]:
+    """pixelmed's DicomSRValidator (Debian pixelmed-apps) over SR files: one JVM per session.
 
-    Returns, per file, its (error lines, warning lines). The XPath limits are lifted as the
-    validator needs on JDK 17.
+    Each call returns, per file, its (error lines, warning lines). The XPath limits are lifted
+    as the validator needs on JDK 17.
     """
     java = require_tool("java")
     jar = Path("/usr/share/java/pixelmed.jar")
@@ -108,20 +108,28 @@ def pixelmed_sr() -> Callable[[list[Path]], dict[Path, tuple[list[str], list[str
     source = Path(__file__).with_name("tools") / "PixelmedValidate.java"
     limits = [f"-Djdk.xml.{name}=0" for name in
               ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+    validator = subprocess.Popen([java, *limits, "-cp", str(jar), str(source)], text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert validator.stdin is not None and validator.stdout is not None
+    stdin, stdout = validator.stdin, validator.stdout
 
     def run(paths: list[Path]) -> dict[Path, tuple[list[str], list[str]]]:
-        done = subprocess.run([java, *limits, "-cp", str(jar), str(source), *map(str, paths)],
-                              capture_output=True, text=True, timeout=60 + 15 * len(paths),
-                              check=False)
+        stdin.write("".join(f"{path}\n" for path in paths) + "\n")
+        stdin.flush()
         reports: dict[Path, list[str]] = {}
-        current: list[str] | None = None
-        for line in done.stdout.splitlines():
+        current: list[str] = []
+        for line in iter(stdout.readline, ""):
+            line = line.rstrip("\n")
+            if line == "### END":
+                break
             if line.startswith("### "):
                 current = reports.setdefault(Path(line[4:]), [])
-            elif current is not None:
+            else:
                 current.append(line)
         missing = [path for path in paths if Path(path) not in reports]
-        assert not missing, f"pixelmed did not report on {missing}: {done.stderr[-2000:]}"
+        assert not missing, f"pixelmed did not report on {missing} (exit {validator.poll()})"
         return {Path(path): errors_and_warnings("\n".join(reports[Path(path)])) for path in paths}
 
-    return run
+    yield run
+    stdin.close()
+    validator.wait(30)
