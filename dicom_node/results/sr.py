@@ -7,7 +7,8 @@ Content tree (codes are listed in the constants below)::
       Procedure Reported = (363679005, SCT, "Imaging procedure") (CID 100)
       Image Library (TID 1600): every source image
       Imaging Measurements (only when at least one finding is marked on an image)
-        per source image, per positive finding with a localization map, one TID 1410 group:
+        per source image, per positive finding with a localization map, one TID 1410 group
+        (when none is positive: one group for the triage score, see below):
           Tracking Identifier + UID, Finding = the finding code, Algorithm Identification
           (TID 4019, operating threshold as a parameter), Image Region = a closed POLYLINE
           around the map's hot area, or a POINT where the map peaks when that area covers
@@ -24,6 +25,9 @@ Why this shape: OHIF draws every Measurement Group under Imaging Measurements on
 fails on a group without a SCOORD, and it labels a region with its NUMs' concept meaning,
 value and unit ("Pleural effusion: 81.00 %"). Findings that cannot be shown on an image live
 in the Qualitative Evaluations container, which viewers leave alone and archives still read.
+OHIF also fails on an SR without any group, so when no positive finding can be marked, the
+triage finding (the study summary's, where it is highest; else the most probable one) is
+marked where its map peaks, with its evaluation Absent: the reader sees the model's score.
 
 Tracking UIDs are derived from (source instance, finding code, model name), so the same
 finding on the same image keeps its tracking UID across SR revisions.
@@ -117,11 +121,12 @@ def build_sr(
     sources = [source_header(result.source) for result in results]
     if len({source.StudyInstanceUID for source in sources}) != 1:
         raise ValueError("all source images of one SR must belong to the same study")
+    shown = _score_shown_when_nothing_is_marked(results, sources, study_summary)
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations] = []
     evaluations: list[CodeContentItem] = []
     for index, (result, source) in enumerate(zip(results, sources, strict=True), start=1):
         for finding in result.findings:
-            group = _finding_group(finding, source, index, algorithm)
+            group = _finding_group(finding, source, index, algorithm, mark=finding is shown)
             if group is not None:
                 groups.append(group)
             else:
@@ -243,11 +248,29 @@ def _probability(finding: FindingResult) -> Measurement:
     return measurement
 
 
+def _score_shown_when_nothing_is_marked(
+    results: Sequence[ImageResult], sources: Sequence[Dataset],
+    study_summary: FindingResult | None,
+) -> FindingResult | None:
+    """The negative finding to mark when no positive one can be: OHIF 3.13 fails on an SR
+    without a single Measurement Group. The summary (triage) finding where it is highest, else
+    the most probable finding, among those with a usable map; None when something positive is
+    marked anyway, or when no map can be marked."""
+    candidates = [(finding, source) for result, source in zip(results, sources, strict=True)
+                  for finding in result.findings if _region(finding, source) is not None]
+    if any(finding.positive for finding, _ in candidates) or not candidates:
+        return None
+    summary_code = study_summary.code if study_summary is not None else None
+    return max(candidates, key=lambda c: (c[0].code == summary_code, c[0].probability))[0]
+
+
 def _finding_group(
-    finding: FindingResult, source: Dataset, index: int, algorithm: Algorithm
+    finding: FindingResult, source: Dataset, index: int, algorithm: Algorithm,
+    mark: bool = False,
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1410 for a positive finding that can be marked on its image, else None."""
-    region = _region(finding, source) if finding.positive else None
+    """TID 1410 for a positive finding (or one to ``mark`` anyway) that can be marked on its
+    image, else None."""
+    region = _region(finding, source) if finding.positive or mark else None
     if region is None:
         return None
     localized = region.value.shape[0] > 1
@@ -262,8 +285,8 @@ def _finding_group(
         algorithm_id=_algorithm_id(algorithm, finding.threshold),
         geometric_purpose=BOUNDED_BY if localized else None,
         measurements=[_probability(finding)],
-        qualitative_evaluations=[QualitativeEvaluation(name=_concept(finding.code),
-                                                       value=PRESENT)],
+        qualitative_evaluations=[QualitativeEvaluation(
+            name=_concept(finding.code), value=PRESENT if finding.positive else ABSENT)],
     )
     _purpose_after_finding(group[0])
     return group

@@ -269,3 +269,27 @@ def test_map_that_does_not_localize_is_marked_at_its_peak(rg1, algorithm) -> Non
     assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POINT
     (column, row) = group.roi.value[0] / [rg1.Columns, rg1.Rows]
     assert (row, column) == pytest.approx((0.25, 0.7), abs=1 / 16)
+
+
+def test_all_negative_study_marks_its_triage_score(nih_study, algorithm, summary,
+                                                   tmp_path) -> None:
+    """OHIF fails on an SR without a Measurement Group: the triage finding is marked, Absent."""
+    results = []
+    for seed, result in enumerate(nih_study):
+        negatives = tuple(FindingResult(f.name, f.code, 0.1, 0.5, f.heatmap)
+                          for f in make_findings(seed))
+        abnormal = FindingResult("Abnormal", summary.code, 0.2 + 0.1 * seed, 0.5,
+                                 blob(centre=(0.4, 0.6)))
+        results.append(ImageResult(result.source, result.pixels, (*negatives, abnormal)))
+    report = _read(_build(results, algorithm, study_summary=results[1].findings[-1]),
+                   tmp_path / "sr.dcm")
+    (group,) = report.content.get_planar_roi_measurement_groups()
+    code = hd.sr.CodedConcept(summary.code.value, summary.code.scheme, summary.code.meaning)
+    assert group.finding_type == code
+    reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == results[1].source.SOPInstanceUID  # the highest
+    (evaluation,) = group.get_qualitative_evaluations(name=code)
+    assert evaluation.value == codes.SCT.Absent
+    (probability,) = group.get_measurements(name=code)
+    assert probability.value == pytest.approx(30.0)
+    assert len(_evaluations(report)) == 2 * 3 + 1 + 1  # the other findings, and the summary
