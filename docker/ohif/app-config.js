@@ -1,5 +1,6 @@
 /**
- * OHIF for the compose stack (mounted at /usr/share/nginx/html/app-config.js).
+ * OHIF for the compose stack (mounted at /usr/share/nginx/html/app-config.js) and for the viewer
+ * test (tests/viewer/ohif.py serves it with the same OHIF version: tests/viewer/package.json).
  * Orthanc's DICOMweb is reached through the same origin: docker/ohif/dicomweb-proxy.conf serves the
  * viewer on port 3000 and forwards /dicom-web/ to orthanc:8042 with a read-only account, so the
  * browser needs no CORS and never sees Orthanc's passwords. Pleura's SR and SC appear as series
