@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from dicom_node.scu import send_datasets
 from dicom_node.synthetic import png_to_dataset, read_labels
+from tests.dicom_node.dirty_sources import dirty_variants
 from tests.e2e.harness import embedded_env, pleura, running, wait_for, wait_port
 from tests.figures import FIGURES_DIR, save
 from tests.support import NIH, REAL_CR, ROOT, free_port
@@ -133,6 +134,18 @@ def child() -> ViewerStudy:
                        texts=("Not analysed by AI model demo 0.1.0: patient age",))
 
 
+def dirty(name: str, source_renders: bool = True) -> Callable[[], ViewerStudy]:
+    """A dirty-source variant (tests/dicom_node/dirty_sources.py) as a study of its own."""
+    def build() -> ViewerStudy:
+        (variant,) = [v for v in dirty_variants(dcmread(REAL_CR), _nih(3, "DX")) if v.name == name]
+        ds = variant.dataset
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return ViewerStudy(f"dirty-{name}", [[ds]], source_renders=source_renders)
+    build.__name__ = f"dirty_{name}"
+    return build
+
+
 #: The studies the viewer test opens, in the order they are sent. Add variants here (dirty sources,
 #: a study Pleura does not analyse and answers with a not-analysed SR: ``texts=(...)``,
 #: ``heatmaps=False``); each builder returns a ViewerStudy with its own Study Instance UID.
@@ -144,6 +157,8 @@ STUDY_BUILDERS: list[Callable[[], ViewerStudy]] = [
     nih_study(6, "DX"),   # AP: Atelectasis, Effusion, ...
     revision,
     child,
+    dirty("cr_as_sc_age_62", source_renders=False),  # the real CR again: Pixel Spacing 0\0
+    dirty("nih_everything"),
 ]
 
 
@@ -326,7 +341,21 @@ def _check(stack: ViewerStack, ledger: Ledger, study: ViewerStudy, job_id: int,
     return checked
 
 
-def test_results_open_in_ohif(ohif: ViewerStack, tmp_path: Path) -> None:
+def _validate_outputs(outbox: Path, dciodvfy, dsrdump, pixelmed_sr) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Every object Pleura made here (revisions, dirty sources, the notice included): 0 errors
+    from dciodvfy on each, from dsrdump and pixelmed's DicomSRValidator on each SR."""
+    files = sorted(outbox.rglob("*.dcm"))
+    srs = [f for f in files if dcmread(f, stop_before_pixels=True).Modality == "SR"]
+    problems = {f.name: errors for f in files if (errors := dciodvfy(f)[0])}
+    problems |= {f"{f.name} (dsrdump)": ["exit non-zero"] for f in srs if dsrdump(f).returncode}
+    problems |= {f"{path.name} (pixelmed)": errors
+                 for path, (errors, _) in pixelmed_sr(srs).items() if errors}
+    assert problems == {}, problems
+    return {"objects": len(files), "srs": len(srs)}
+
+
+def test_results_open_in_ohif(ohif: ViewerStack, tmp_path: Path, dciodvfy, dsrdump,  # type: ignore[no-untyped-def]
+                              pixelmed_sr) -> None:
     if not REAL_CR.is_file() or not (NIH / "labels.csv").is_file():
         pytest.skip(f"the shared data folder is not beside the repo ({REAL_CR.parent.parent})")
     started = time.monotonic()
@@ -357,6 +386,7 @@ def test_results_open_in_ohif(ohif: ViewerStack, tmp_path: Path) -> None:
             for study in later:
                 checked.append(_check(ohif, ledger, study, jobs[study.study_uid], meanings))
         ledger.engine.dispose()
+        validated = _validate_outputs(tmp_path / "var" / "outbox", dciodvfy, dsrdump, pixelmed_sr)
         log = (tmp_path / "serve.log").read_text()
         for study in studies:
             for ds in study.batches[0]:
@@ -371,11 +401,13 @@ def test_results_open_in_ohif(ohif: ViewerStack, tmp_path: Path) -> None:
           f"({totals['marks']} marks checked; {totals['not_marked']} positives the SR does not mark, "
           f"{totals['unreachable']} marks on images the SR viewport does not show), {totals['scs_rendered']}/"
           f"{totals['scs']} heatmap SCs drawn; {seconds} s in all, {round(time.monotonic() - delivered, 1)} s "
-          f"from the first results to the last check")
+          f"from the first results to the last check; {validated['objects']} objects made "
+          f"({validated['srs']} SRs): 0 errors from dciodvfy, dsrdump and pixelmed")
     for c in checked:
         for note in c.notes:
             print(f"  {c.study.name}: {note}")
     save("viewer_ohif", {"ohif": OHIF_VERSION, "studies": len(checked), **totals, "seconds": seconds,
+                         "validated": validated,
                          "per_study": {c.study.name: {"problems": c.problems, "notes": c.notes,
                                                       "view_seconds": c.view_seconds,
                                                       **{key: getattr(c, key) for key in keys}}
