@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import highdicom as hd
+from highdicom.sr import DeviceObserverIdentifyingAttributes, ObservationContext, ObserverContext
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.results.content import Algorithm
 from dicom_node.results.sanitize import clean_header
+from dicom_node.results.uids import derive_uid
 
 #: Burned into every SC and written into every SR.
 DISCLAIMER = "AI result - not for primary diagnosis"
@@ -60,4 +62,19 @@ def processing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
             f"software {algorithm.software_version}"[:_LO_MAX],
         ],
         contribution_description=f"AI model {algorithm.name} {algorithm.version}"[:1024],
+    )
+
+
+def observation_context(algorithm: Algorithm) -> ObservationContext:
+    """The model as device observer (TID 1004); its UID is derived from the model's identity."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+        name=algorithm.name,
+        manufacturer_name=algorithm.manufacturer,
+        model_name=f"{algorithm.name} {algorithm.version}",
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
     )

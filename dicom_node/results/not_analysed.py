@@ -37,27 +37,23 @@ from collections.abc import Sequence
 import highdicom as hd
 from highdicom.sr import (
     ContainerContentItem,
-    DeviceObserverIdentifyingAttributes,
     EnhancedSR,
     LanguageOfContentItemAndDescendants,
-    ObservationContext,
-    ObserverContext,
     RelationshipTypeValues,
     TextContentItem,
 )
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as DicomCode
 
 from dicom_node.results._shared import (
     DISCLAIMER,
+    observation_context,
     processing_equipment,
     series_description,
     source_header,
 )
 from dicom_node.results.content import Algorithm
-from dicom_node.results.uids import derive_uid
 
 #: CID 7000: the document title.
 DIAGNOSTIC_IMAGING_REPORT = DicomCode("18748-4", "LN", "Diagnostic Imaging Report")
@@ -136,22 +132,7 @@ def _report(algorithm: Algorithm, text: str) -> ContainerContentItem:
     ])
     root.ContentSequence = hd.sr.ContentSequence([
         *LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
-        *_observation_context(algorithm),
+        *observation_context(algorithm),
         section,
     ])
     return root
-
-
-def _observation_context(algorithm: Algorithm) -> ObservationContext:
-    """The model as device observer, with the same device UID as in the findings SR."""
-    device = DeviceObserverIdentifyingAttributes(
-        uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-        name=algorithm.name,
-        manufacturer_name=algorithm.manufacturer,
-        model_name=f"{algorithm.name} {algorithm.version}",
-    )
-    return ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )

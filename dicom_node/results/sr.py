@@ -44,15 +44,12 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     ContainerContentItem,
-    DeviceObserverIdentifyingAttributes,
     GraphicTypeValues,
     ImageContentItem,
     ImageLibrary,
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     Measurement,
-    ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
@@ -67,6 +64,7 @@ from pydicom.sr.coding import Code as DicomCode
 
 from dicom_node.results._shared import (
     DISCLAIMER,
+    observation_context,
     processing_equipment,
     series_description,
     source_header,
@@ -170,7 +168,7 @@ def _report(
     root = ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
     items = [
         *LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
-        *_observation_context(algorithm),
+        *observation_context(algorithm),
         CodeContentItem(name=codes.DCM.ProcedureReported, value=PROCEDURE_REPORTED,
                         relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
     ]
@@ -204,20 +202,6 @@ def _library_images(sources: Sequence[Dataset]) -> list[Dataset]:
         view.ImagerPixelSpacing = spacing
         library.append(view)
     return library
-
-
-def _observation_context(algorithm: Algorithm) -> ObservationContext:
-    device = DeviceObserverIdentifyingAttributes(
-        uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-        name=algorithm.name,
-        manufacturer_name=algorithm.manufacturer,
-        model_name=f"{algorithm.name} {algorithm.version}",
-    )
-    return ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
 
 
 def _algorithm_id(algorithm: Algorithm, threshold: float) -> AlgorithmIdentification:
