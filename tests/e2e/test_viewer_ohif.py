@@ -158,7 +158,6 @@ STUDY_BUILDERS: list[Callable[[], ViewerStudy]] = [
     revision,
     child,
     dirty("cr_as_sc_age_62", source_renders=False),  # the real CR again: Pixel Spacing 0\0
-    dirty("nih_everything"),
 ]
 
 
@@ -278,6 +277,11 @@ def _check(stack: ViewerStack, ledger: Ledger, study: ViewerStudy, job_id: int,
     targets += [Target(FIGURES_DIR / f"ohif-{study.name}-sc{'' if i == 0 else i + 1}.png", sop, "OT")
                 for i, sop in enumerate(sc_sops)]
     views = stack.viewer.view(study.study_uid, targets)
+    if not study.texts and _marked(sr_path) and not _labels(views[0]):
+        # OHIF 3.13.2 now and then draws an SR's marks before their image is in the viewport
+        # and then never: the study is opened once more, as a reader would, and noted.
+        checked.notes.append("the SR's marks were not drawn on the first opening; opened again")
+        views = stack.viewer.view(study.study_uid, targets)
     sr_view, sc_views = views[0], views[1:]
     checked.view_seconds = [view.seconds for view in views]
     problem = checked.problems.append
