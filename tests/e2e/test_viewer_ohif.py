@@ -277,10 +277,14 @@ def _check(stack: ViewerStack, ledger: Ledger, study: ViewerStudy, job_id: int,
     targets += [Target(FIGURES_DIR / f"ohif-{study.name}-sc{'' if i == 0 else i + 1}.png", sop, "OT")
                 for i, sop in enumerate(sc_sops)]
     views = stack.viewer.view(study.study_uid, targets)
-    if not study.texts and _marked(sr_path) and not _labels(views[0]):
-        # OHIF 3.13.2 now and then draws an SR's marks before their image is in the viewport
-        # and then never: the study is opened once more, as a reader would, and noted.
-        checked.notes.append("the SR's marks were not drawn on the first opening; opened again")
+    unmarked = not study.texts and _marked(sr_path) and not _labels(views[0])
+    undrawn = study.source_renders and not study.texts and not views[0].image_shown
+    if unmarked or undrawn:
+        # OHIF 3.13.2 now and then draws an SR's marks before their image is in the viewport and
+        # then never, or leaves that image black: the study is opened once more, as a reader
+        # would, and noted.
+        missing = " and ".join(what for what, miss in (("marks", unmarked), ("source image", undrawn)) if miss)
+        checked.notes.append(f"the SR's {missing} not drawn on the first opening; opened again")
         views = stack.viewer.view(study.study_uid, targets)
     sr_view, sc_views = views[0], views[1:]
     checked.view_seconds = [view.seconds for view in views]
