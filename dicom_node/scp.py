@@ -40,6 +40,8 @@ log = structlog.get_logger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+#: The end reason of an association the peer ended with an A-RELEASE (others begin "aborted").
+RELEASED = "released"
 
 #: Transfer syntaxes we accept, in order of preference when a peer proposes several in one
 #: context: lossless compressed (stored exactly as sent), then uncompressed, then lossy
@@ -202,7 +204,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, lambda event: self._on_closed(event, "released")),
+            (evt.EVT_RELEASED, lambda event: self._on_closed(event, RELEASED)),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]

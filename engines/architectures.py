@@ -23,8 +23,6 @@ from torch.nn import functional as F
 from engines.nets.densenet import DenseNet
 from engines.nets.vit import ViTLinear, ViTZeroShot
 
-OUTPUT_NAMES = ("embedding", "logits", "cam")
-
 
 def _conv(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(

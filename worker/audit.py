@@ -31,7 +31,7 @@ TIMELINE = _view("v_study_timeline", "study_id", "study_instance_uid", "revision
                  "job_id", "job_state", "calling_aes", "instances", "first_received_at", "last_received_at",
                  "queued_at", "started_at", "finished_at", "delivered_at", "bundle_name", "bundle_version", "backend",
                  "attempts", "deliveries", "deliveries_delivered", "deliveries_failed", "destinations", "error",
-                 "quiet_s", "wait_s", "processing_s", "delivery_s", "total_s")
+                 "quiet_s", "wait_s", "processing_s", "delivery_s", "total_s", "completed_by")
 DELIVERIES = _view("v_deliveries", "delivery_id", "study_id", "study_instance_uid", "job_id", "revision",
                    "object_kind", "object_uid", "destination", "state", "attempts", "peer_status", "last_error",
                    "bundle_name", "bundle_version", "created_at", "last_attempt_at", "delivered_at", "delivery_s")
@@ -95,7 +95,9 @@ def query(view: str, filters: Filters) -> Select:
         stmt = stmt.where(table.c.study_instance_uid == filters.study_uid)
     if filters.current_only and view == "timeline":
         stmt = stmt.where(TIMELINE.c.is_current == 1)
-    order = [when.desc()] + ([TIMELINE.c.revision.desc()] if view == "timeline" else [])
+    # ties: a study's revisions newest first; the objects of one result in the order they were made
+    tie = {"timeline": [TIMELINE.c.revision.desc()], "deliveries": [DELIVERIES.c.delivery_id]}.get(view, [])
+    order = [when.desc(), *tie]
     return stmt.order_by(*order).limit(filters.limit)
 
 

@@ -100,6 +100,7 @@ _COLUMNS: dict[str, list[tuple[str, Any, bool]]] = {
         ("IMG", lambda r: str(r["instances"]), True),
         ("MODEL", _model, False),
         ("TRIES", lambda r: str(r["attempts"]), True),
+        ("COMPLETED BY", lambda r: r["completed_by"] or "-", False),
         ("QUIET", lambda r: audit.human_seconds(r["quiet_s"]), True),
         ("WAIT", lambda r: audit.human_seconds(r["wait_s"]), True),
         ("PROCESS", lambda r: audit.human_seconds(r["processing_s"]), True),

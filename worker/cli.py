@@ -18,6 +18,9 @@ from worker.settings import Settings, load_settings
 
 log = structlog.get_logger("pleura")
 
+#: ``pleura worker --name`` when none is given (a restart on the same host still recovers at once).
+DEFAULT_WORKER_NAME = "1"
+
 
 def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
     from worker import celery_app, runtime
@@ -47,9 +50,10 @@ def _open_spool(s: Settings):  # type: ignore[no-untyped-def]
     return spool
 
 
-def _start_listener(rt, listen_socket=None, spool=None):  # type: ignore[no-untyped-def]
+def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignore[no-untyped-def]
     """The DICOM listener; on ``listen_socket`` (bound already) when several processes share the port,
-    each allowed its share of ``max_associations``."""
+    each allowed its share of ``max_associations``. Each A-RELEASE wakes ``sweeper`` (if any) once
+    the settle time has passed."""
     from dicom_node.scp import AssociationPolicy, StorageSCP
     from dicom_node.tls import server_context
     from worker.intake import LedgerReceiver
@@ -64,22 +68,30 @@ def _start_listener(rt, listen_socket=None, spool=None):  # type: ignore[no-unty
             raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
         tls = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_require_peer_cert)
     spool = spool or _open_spool(s)
-    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None)
+    settle = s.study_settle_seconds
+    wake = (lambda: sweeper.wake_in(settle + 0.05)) if sweeper is not None and settle >= 0 else None
+    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake)
     scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls,
                      listen_socket=listen_socket)
     scp.start()
     return scp
 
 
-def _start_sweepers(rt):  # type: ignore[no-untyped-def]
-    """The study sweeper, and an hourly one that removes orphaned prepared entries."""
+def _start_sweepers(rt, periodic: bool = True):  # type: ignore[no-untyped-def]
+    """The study sweeper (first), and an hourly one that removes orphaned prepared entries.
+
+    Not ``periodic`` (a forked listener process): only the study sweeper, run when an association
+    of this process is released."""
     from worker import prepared
     from worker.sweeper import Sweeper, sweep
 
     s = rt.settings
-    sweepers = [Sweeper(s.sweep_interval_seconds,
-                        lambda: sweep(rt.ledger, s.study_quiet_seconds, s.republish_seconds, rt.publish)),
-                Sweeper(3600, lambda: prepared.prune(prepared.root(s)))]
+    settle = s.study_settle_seconds if s.study_settle_seconds >= 0 else None
+    sweepers = [Sweeper(s.sweep_interval_seconds if periodic else None,
+                        lambda: sweep(rt.ledger, s.study_quiet_seconds, s.republish_seconds, rt.publish,
+                                      settle, s.study_max_wait_seconds))]
+    if periodic:
+        sweepers.append(Sweeper(3600, lambda: prepared.prune(prepared.root(s))))
     for sweeper in sweepers:
         sweeper.start()
     return sweepers
@@ -98,17 +110,21 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
     from worker import celery_app
     from worker.ledger.db import upgrade
+    from worker.recovery import recover, set_identity
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
+    set_identity("serve")
     rt = _runtime(settings)
-    rt.engine()
     work = WorkController(app=celery_app.app, pool_cls="threads", concurrency=settings.worker_concurrency,
                           without_heartbeat=True, without_mingle=True, without_gossip=True,
                           queues=celery_app.QUEUES, loglevel=settings.log_level)
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
-    scp = _start_listener(rt)
+    # the dead predecessor's broker held its queue: its deliveries go out while the model loads
+    recover(rt.ledger, rt.publish, requeue_all=True)
+    rt.engine()
     sweepers = _start_sweepers(rt)
+    scp = _start_listener(rt, sweepers[0])
     http = start_http(settings, rt, "serve")
     log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
              broker=settings.effective_broker_url.split("://")[0],
@@ -143,8 +159,8 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
         group = listener_processes.fork(settings.listen_processes - 1)  # before any thread or connection
     rt = _runtime(settings)
     _require_schema(rt)
-    scp = _start_listener(rt, shared, spool)
-    sweepers = [] if args.no_sweeper or group.forked else _start_sweepers(rt)
+    sweepers = [] if args.no_sweeper else _start_sweepers(rt, periodic=not group.forked)
+    scp = _start_listener(rt, sweepers[0] if sweepers else None, shared, spool)
     http = None if group.forked else start_http(settings, rt, "listen")
     status = listener_processes.wait(group)
     if http:
@@ -162,15 +178,19 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     if settings.embedded_broker:
         sys.exit("error: `pleura worker` needs PLEURA_BROKER_URL; use `pleura serve` for the all-in-one")
     from worker import celery_app
+    from worker.recovery import recover, set_identity
 
+    name = args.name or DEFAULT_WORKER_NAME
+    set_identity(f"worker-{name}", explicit=args.name is not None)
     rt = _runtime(settings)
     _require_schema(rt)
     rt.engine()
+    recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([
         "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
         f"--loglevel={settings.log_level}", "-Q", ",".join(celery_app.QUEUES),
-        "--without-gossip", "--without-mingle", f"--hostname=pleura@%h-{args.name}",
+        "--without-gossip", "--without-mingle", f"--hostname=pleura@%h-{name}",
     ])
 
 
@@ -305,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweeper", action="store_true", help="run the listener only")
     p.set_defaults(func=cmd_listen)
     p = sub.add_parser("worker", help="Celery worker: process and deliver (production)")
-    p.add_argument("--name", default="1", help="worker name suffix for Celery's hostname")
+    p.add_argument("--name", default=None,
+                   help=f"this worker's name (default {DEFAULT_WORKER_NAME}): Celery's hostname suffix; restarted "
+                        "under the same name, on any host, it takes back its predecessor's leases at once")
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("db", help="database schema")
     p.add_argument("action", choices=["upgrade"])

@@ -25,6 +25,7 @@ from worker.ledger.events import record
 from worker.ledger.models import DeliveryState
 from worker.logging import log_context
 from worker.observability.metrics import DELIVERY_ATTEMPTS, DELIVERY_FAILURES, observe_stage
+from worker.recovery import owner
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
 
@@ -63,6 +64,7 @@ def _deliver(rt: Runtime, delivery_id: int) -> None:
                 state=DeliveryState.SENDING,
                 attempts=Delivery.attempts + 1,
                 last_attempt_at=now,
+                lease_owner=owner(),
                 lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
             )
         ).rowcount

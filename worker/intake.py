@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
+from datetime import datetime
 
 import structlog
 from pydicom.uid import UID
@@ -19,8 +21,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dicom_node.scp import Peer, StoredInstance
-from worker.ledger import Association, Instance, Study
+from dicom_node.scp import RELEASED, Peer, StoredInstance
+from worker.ledger import Association, Instance, Study, StudyArrival
 from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import StudyState
@@ -76,12 +78,15 @@ class LedgerReceiver:
     """Implements ``dicom_node.scp.Receiver`` on the ledger; every call commits.
 
     With ``publish``, each accepted instance (new or changed bytes, not an identical duplicate)
-    is hinted for preparation once its row is committed.
+    is hinted for preparation once its row is committed. ``on_released`` is called once an
+    association's A-RELEASE is committed (the sweeper is woken for the completion rule).
     """
 
-    def __init__(self, ledger: Ledger, publish: Publish | None = None) -> None:
+    def __init__(self, ledger: Ledger, publish: Publish | None = None,
+                 on_released: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.hints = HintPublisher(publish) if publish is not None else None
+        self.on_released = on_released
 
     def association_opened(self, peer: Peer) -> int:
         with self.ledger.session() as s:
@@ -108,6 +113,8 @@ class LedgerReceiver:
             if assoc is not None:
                 assoc.ended_at = utcnow()
                 assoc.end_reason = reason
+        if reason == RELEASED and self.on_released is not None:
+            self.on_released()
 
     def association_rejected(self, peer: Peer, reason: str) -> None:
         ASSOCIATIONS_REJECTED.labels(rejection_kind(reason)).inc()
@@ -149,6 +156,7 @@ class LedgerReceiver:
                 revision=1,
                 first_received_at=now,
                 last_received_at=now,
+                receiving_since=now,
             )
             s.add(study)
             s.flush()
@@ -196,5 +204,19 @@ class LedgerReceiver:
             study.state = StudyState.RECEIVING
             study.revision += 1
             study.done_at = None
+            study.receiving_since = now
         s.flush()
+        if stored.association is not None:
+            _record_arrival(s, study, stored.association, now)
         return study.id, "accepted", instance.id
+
+
+def _record_arrival(s: Session, study: Study, association_id: int, now: datetime) -> None:
+    """Count the instance against (study revision, association): what the completion rule reads."""
+    key = {"study_id": study.id, "revision": study.revision, "association_id": association_id}
+    arrival = s.get(StudyArrival, key)
+    if arrival is None:
+        s.add(StudyArrival(**key, instances=1, last_received_at=now))
+    else:
+        arrival.instances += 1
+        arrival.last_received_at = now

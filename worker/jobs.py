@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +17,9 @@ from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import JobState, StudyState
 from worker.observability.metrics import observe_stage
+from worker.recovery import owner
 
 log = structlog.get_logger(__name__)
-
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaseLost(RuntimeError):
@@ -46,7 +43,7 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float, max_attempts: int =
             .where(Job.id == job_id, claimable, Job.attempts < max_attempts)
             .values(
                 state=JobState.RUNNING,
-                lease_owner=WORKER_ID,
+                lease_owner=owner(),
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=Job.attempts + 1,
             )
@@ -64,10 +61,10 @@ def claim(ledger: Ledger, job_id: int, lease_seconds: float, max_attempts: int =
             return None
         if study.revision == job.revision:
             study.state = StudyState.PROCESSING
-        attempt = Attempt(job_id=job_id, number=job.attempts, worker=WORKER_ID, started_at=now)
+        attempt = Attempt(job_id=job_id, number=job.attempts, worker=owner(), started_at=now)
         s.add(attempt)
         s.flush()
-        record(s, "job_started", study_id=study.id, job_id=job.id, attempt=job.attempts, worker=WORKER_ID)
+        record(s, "job_started", study_id=study.id, job_id=job.id, attempt=job.attempts, worker=owner())
         attempt_id, first, waited = attempt.id, job.attempts == 1, (now - as_utc(job.created_at)).total_seconds()
     if first:  # a retry's wait would count the failed attempts again
         observe_stage("queued_to_processing", waited)
@@ -149,7 +146,7 @@ class Isolation:
 def still_owned(s: Session, job: Job) -> bool:
     """True while our lease holds (re-read under a row lock inside the finishing transaction)."""
     fresh = s.scalars(select(Job).where(Job.id == job.id).with_for_update()).one()
-    return fresh.lease_owner == WORKER_ID and fresh.state == JobState.RUNNING and (
+    return fresh.lease_owner == owner() and fresh.state == JobState.RUNNING and (
         as_utc(fresh.lease_expires_at) > utcnow()
     )
 
@@ -165,7 +162,7 @@ def fail(ledger: Ledger, job_id: int, attempt_id: int, error: str, max_attempts:
         attempt = s.get(Attempt, attempt_id)
         assert job is not None and attempt is not None
         attempt.finished_at, attempt.outcome, attempt.error = now, "FAILED", error[:2000]
-        if job.lease_owner != WORKER_ID or job.state != JobState.RUNNING:
+        if job.lease_owner != owner() or job.state != JobState.RUNNING:
             return False
         job.error = error[:2000]
         if job.attempts >= max_attempts:
@@ -184,7 +181,7 @@ def renew(ledger: Ledger, job_id: int, lease_seconds: float) -> bool:
         return bool(
             s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == WORKER_ID,
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner(),
                        Job.lease_expires_at > now)
                 .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
             ).rowcount

@@ -55,7 +55,7 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
     info["job"] = {
         "id": job.id, "revision": job.revision, "state": job.state, "attempts": job.attempts,
         "model": f"{job.bundle_name} {job.bundle_version}" if job.bundle_name else None,
-        "backend": job.backend, "error": job.error,
+        "backend": job.backend, "error": job.error, "completed_by": job.completed_by,
     }
     findings = s.scalars(select(Finding).where(Finding.job_id == job.id)).all()
     info["positive_findings"] = sorted({f.finding for f in findings if f.positive})
@@ -80,16 +80,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no studies received yet"
 
-    headers = ["STUDY INSTANCE UID", "STATE", "REV", "IMG", "FROM", "MODEL", "POSITIVE", "SENT", "TIME TO RESULT"]
+    headers = ["STUDY INSTANCE UID", "STATE", "REV", "IMG", "FROM", "COMPLETED BY", "MODEL", "POSITIVE", "SENT",
+               "TIME TO RESULT"]
     table = []
     for r in rows:
         sent = r["deliveries"].get(DeliveryState.DELIVERED, 0)
         table.append(([r["study_instance_uid"], r["state"], str(r["revision"]), str(r["instances"]),
-                       ",".join(r["calling_ae"]) or "-", (r["job"] or {}).get("model") or "-",
+                       ",".join(r["calling_ae"]) or "-", (r["job"] or {}).get("completed_by") or "-",
+                       (r["job"] or {}).get("model") or "-",
                        ", ".join(r["positive_findings"]) or "none", f"{sent}/{sum(r['deliveries'].values())}",
                        human_seconds(r["seconds_to_result"])], _details(r)))
     widths = [max(len(h), *(len(cells[i]) for cells, _ in table)) for i, h in enumerate(headers)]
-    right = {2, 3, 7, 8}
+    right = {2, 3, 8, 9}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)

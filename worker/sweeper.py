@@ -1,26 +1,29 @@
 """Assemble role: a periodic sweep over ledger timestamps that queues and re-queues work.
 
-The sweep is the only place that decides a study is complete (quiet for the configured
-period) and the only place that re-publishes lost work, so a restart of any process loses
+The sweep is the only place that decides a study is complete (:mod:`worker.completion`)
+and the only place that re-publishes lost work, so a restart of any process loses
 nothing: the next sweep finds what the ledger says is due. Several sweepers may run at once;
 every transition is a conditional UPDATE that only one of them wins.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 
+from worker.completion import Completion
 from worker.ledger import Delivery, Job, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
-from worker.observability.metrics import observe_stage
+from worker.observability.metrics import STUDIES_COMPLETED, observe_stage
 
 log = structlog.get_logger(__name__)
 
@@ -40,8 +43,10 @@ class SweepReport:
     published_deliveries: list[int] = field(default_factory=list)
 
 
-def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish) -> SweepReport:
-    """Queue quiet studies, re-publish lost work and due deliveries; publish after commit.
+def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish,
+          settle_seconds: float | None = None, max_wait_seconds: float | None = None) -> SweepReport:
+    """Queue complete studies (:mod:`worker.completion`), re-publish lost work and due deliveries;
+    publish after commit.
 
     A message is re-sent when its row was never published (or the publish failed), when the
     lease of the worker that took it expired since, or, as a backstop against a broker that
@@ -50,34 +55,8 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
     """
     report = SweepReport()
     now = utcnow()
-    with ledger.session() as s:
-        due = s.execute(
-            select(Study.id, Study.revision, Study.last_received_at).where(
-                Study.state == StudyState.RECEIVING,
-                Study.last_received_at < now - timedelta(seconds=quiet_seconds),
-            )
-        ).all()
-    for study_id, revision, last_received_at in due:
-        with ledger.session() as s:
-            won = s.execute(
-                update(Study)
-                .where(
-                    Study.id == study_id,
-                    Study.state == StudyState.RECEIVING,
-                    Study.revision == revision,
-                    Study.last_received_at < now - timedelta(seconds=quiet_seconds),
-                )
-                .values(state=StudyState.QUEUED, queued_at=now)
-            ).rowcount
-            if won:
-                job = Job(study_id=study_id, revision=revision, state=JobState.QUEUED,
-                          created_at=now, published_at=now)
-                s.add(job)
-                s.flush()
-                record(s, "study_queued", study_id=study_id, job_id=job.id, revision=revision)
-                report.queued.append(job.id)
-        if won:
-            observe_stage("received_to_queued", (now - as_utc(last_received_at)).total_seconds())
+    for rule, complete in Completion(quiet_seconds, settle_seconds, max_wait_seconds).rules(now):
+        _queue_complete(ledger, rule, complete, now, report)
 
     stale = now - timedelta(seconds=republish_seconds)
     with ledger.session() as s:
@@ -123,22 +102,76 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
     return report
 
 
-class Sweeper(threading.Thread):
-    """Runs ``run_once`` (:func:`sweep`, say) every ``interval`` seconds until ``stop()``; errors are logged."""
+def _queue_complete(ledger: Ledger, rule: str, complete: ColumnElement[bool], now: datetime,
+                    report: SweepReport) -> None:
+    """Queue a job for each receiving study that ``complete`` holds for; one sweeper wins each."""
+    with ledger.session() as s:
+        due = s.execute(
+            select(Study.id, Study.revision, Study.last_received_at)
+            .where(Study.state == StudyState.RECEIVING, complete)
+        ).all()
+    for study_id, revision, last_received_at in due:
+        with ledger.session() as s:
+            won = s.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.state == StudyState.RECEIVING, Study.revision == revision,
+                       complete)
+                .values(state=StudyState.QUEUED, queued_at=now)
+            ).rowcount
+            if won:
+                job = Job(study_id=study_id, revision=revision, state=JobState.QUEUED,
+                          created_at=now, published_at=now, completed_by=rule)
+                s.add(job)
+                s.flush()
+                record(s, "study_queued", study_id=study_id, job_id=job.id, revision=revision, completed_by=rule)
+                report.queued.append(job.id)
+        if won:
+            STUDIES_COMPLETED.labels(rule).inc()
+            observe_stage("received_to_queued", (now - as_utc(last_received_at)).total_seconds())
 
-    def __init__(self, interval: float, run_once: Callable[[], object]) -> None:
+
+class Sweeper(threading.Thread):
+    """Runs ``run_once`` (:func:`sweep`, say) every ``interval`` seconds, and at the times asked with
+    :meth:`wake_in`, until ``stop()``; errors are logged. ``interval`` None: only when asked."""
+
+    def __init__(self, interval: float | None, run_once: Callable[[], object]) -> None:
         super().__init__(name="pleura-sweeper", daemon=True)
         self.interval = interval
         self.run_once = run_once
-        self._stop_event = threading.Event()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._wake_at: float | None = None
+
+    def wake_in(self, seconds: float) -> None:
+        """Run once more ``seconds`` from now (earlier wake-ups win; the interval goes on)."""
+        at = time.monotonic() + seconds
+        with self._cond:
+            if self._wake_at is None or at < self._wake_at:
+                self._wake_at = at
+                self._cond.notify()
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
+        regular = time.monotonic()
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    now = time.monotonic()
+                    due = min(regular, self._wake_at if self._wake_at is not None else math.inf)
+                    if now >= due:
+                        break
+                    self._cond.wait(None if math.isinf(due) else due - now)
+                if self._wake_at is not None and self._wake_at <= now:
+                    self._wake_at = None
+            if now >= regular:
+                regular = now + self.interval if self.interval is not None else math.inf
             try:
                 self.run_once()
             except Exception:
                 log.exception("sweep failed; retrying at the next interval")
-            self._stop_event.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop_event.set()
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()

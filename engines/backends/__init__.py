@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 
 from engines.backends.base import Backend, BackendUnavailable, RawOutputs
 from engines.bundle import Bundle
@@ -62,8 +64,15 @@ def _ort_has_cuda() -> bool:
 
 
 def _torch_has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
+    """Whether torch reaches a CUDA device; a CPU-only build is told from its version file, without the
+    2 s of importing torch on a small CPU host (``pleura serve`` starts up to recover work at once)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None:
         return False
+    for folder in spec.submodule_search_locations or []:
+        version = Path(folder) / "version.py"
+        if version.is_file() and re.search(r"^cuda\s*(:\s*[^=]+)?=\s*None\s*$", version.read_text(), re.M):
+            return False
     import torch
 
     return torch.cuda.is_available()

@@ -7,6 +7,9 @@ from typing import Protocol
 
 import numpy as np
 
+#: The output tensors of every model graph (ONNX, TensorRT, torch), in this order.
+OUTPUT_NAMES = ("embedding", "logits", "cam")
+
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here (library missing, no device)."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.architectures import OUTPUT_NAMES
-from engines.backends.base import BackendUnavailable, RawOutputs
+from engines.backends.base import OUTPUT_NAMES, BackendUnavailable, RawOutputs
 from engines.bundle import Bundle, BundleError
 
 INPUT_NAME = "image"

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from engines import plan_cache
-from engines.architectures import OUTPUT_NAMES
-from engines.backends.base import BackendUnavailable, RawOutputs
+from engines.backends.base import OUTPUT_NAMES, BackendUnavailable, RawOutputs
 from engines.backends.ort import INPUT_NAME
 from engines.bundle import Bundle, BundleError
 

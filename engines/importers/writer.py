@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.architectures import OUTPUT_NAMES
+from engines.backends.base import OUTPUT_NAMES
 from engines.backends.ort import INPUT_NAME
 from engines.backends.pytorch import TorchBackend
 from engines.bundle import MANIFEST, load_bundle

@@ -107,7 +107,8 @@ def test_soak_with_a_worker_killed(pg_url: str, broker: PrivateRabbitMQ, nih: Pa
         assert len(acked) == len(log.statuses) == STUDIES * PER_STUDY
         assert ledger.scalar("SELECT count(*) FROM instances") == STUDIES * PER_STUDY
         # received twice only where the sender sent it again after pynetdicom lost the response
-        twice = {r["sop_instance_uid"] for r in ledger.rows("SELECT sop_instance_uid FROM instances WHERE times_received <> 1")}
+        twice = {r["sop_instance_uid"]
+                 for r in ledger.rows("SELECT sop_instance_uid FROM instances WHERE times_received <> 1")}
         assert twice <= set(log.resent), (twice, log.resent)
         assert lost == [] and duplicate_results == 0
         assert all(n == 1 for n in srs_per_study.values()) and len(srs_per_study) == STUDIES

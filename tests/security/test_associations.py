@@ -33,7 +33,7 @@ def listener(pg_url: str, tmp_path: Path, **overrides: Any) -> Iterator[tuple[St
     ledger = Ledger(pg_url)
     settings = Settings(data_dir=tmp_path / "var", database_url=pg_url, dicom_host="127.0.0.1",
                         dicom_port=free_port(), min_free_disk_mb=1, **overrides)
-    scp = _start_listener(Runtime(settings, ledger, lambda *_: None))
+    scp = _start_listener(Runtime(settings, ledger, lambda *_: None), None)
     try:
         yield scp, ledger
     finally:

@@ -46,7 +46,8 @@ def _job(s, study: Study, revision: int, state: str, queued: float, started: flo
          finished: float | None, attempts: int, bundle: tuple[str, str] | None, error: str | None = None) -> Job:
     job = Job(study_id=study.id, revision=revision, state=state, created_at=_t(queued), published_at=_t(queued),
               attempts=attempts, bundle_name=bundle and bundle[0], bundle_version=bundle and bundle[1],
-              backend="onnxruntime" if bundle else None, finished_at=finished and _t(finished), error=error)
+              backend="onnxruntime" if bundle else None, finished_at=finished and _t(finished), error=error,
+              completed_by="association" if study.study_instance_uid == A else "quiet")
     s.add(job)
     s.flush()
     for n in range(attempts):
@@ -191,6 +192,7 @@ def test_views_and_pleura_audit(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert [line[column:].split()[0] for line in lines[1:]] == [C, C, B, A]  # aligned under its header
     row_a = lines[4]
     assert f"{_t(2):%Y-%m-%d %H:%M:%S}" in row_a and "demo 0.1.0" in row_a and "MODALITY1" in row_a
+    assert " association " in row_a and " quiet " in lines[3]
     assert "5.00 s" in row_a and "2.50 s" in row_a and "1.50 s" in row_a and "10.0 s" in row_a and "2/2" in row_a
     assert "0/1 (1 failed)" in lines[2]
 
@@ -198,8 +200,9 @@ def test_views_and_pleura_audit(db_url: str, monkeypatch: pytest.MonkeyPatch,
     capsys.readouterr()
     main(["status"])
     status = capsys.readouterr().out.splitlines()
-    assert status[0].split() == ["STUDY", "INSTANCE", "UID", "STATE", "REV", "IMG", "FROM", "MODEL", "POSITIVE",
-                                 "SENT", "TIME", "TO", "RESULT"]
+    assert status[0].split() == ["STUDY", "INSTANCE", "UID", "STATE", "REV", "IMG", "FROM", "COMPLETED", "BY",
+                                 "MODEL", "POSITIVE", "SENT", "TIME", "TO", "RESULT"]
+    assert [line.split()[5] for line in status if line.startswith(A) or line.startswith(B)] == ["quiet", "association"]
     assert [line.split()[:2] for line in status if not line.startswith(" ")][1:] == [
         [C, "RECEIVING"], [B, "FAILED"], [A, "DONE"]]
     assert status[2:4] == ["    deliveries: FAILED 1", "    delivery of SR to ARCHIVE@10.0.0.9:104 FAILED after 5 "

@@ -12,6 +12,7 @@ from worker.ledger.models import (
     Job,
     OutputObject,
     Study,
+    StudyArrival,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Job",
     "OutputObject",
     "Study",
+    "StudyArrival",
 ]

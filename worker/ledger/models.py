@@ -67,6 +67,14 @@ class Association(Base):
     end_reason: Mapped[str | None] = mapped_column(String(32))
 
 
+class CompletedBy:
+    """Which rule decided that a study revision was complete (``worker.completion``)."""
+
+    ASSOCIATION = "association"
+    QUIET = "quiet"
+    MAX_WAIT = "max_wait"
+
+
 class Study(Base):
     """A study as Pleura sees it; ``revision`` grows when instances arrive after queueing."""
 
@@ -78,12 +86,30 @@ class Study(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: when the current revision began to arrive (the first instance, or the one that reopened it)
+    receiving_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     note: Mapped[str | None] = mapped_column(Text)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
+
+
+class StudyArrival(Base):
+    """Which association carried new instances of which study revision, and when the last came.
+
+    The completion rule reads it: a revision whose every carrying association ended with an
+    A-RELEASE is complete a settle time after its last instance.
+    """
+
+    __tablename__ = "study_arrivals"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    association_id: Mapped[int] = mapped_column(ForeignKey("associations.id"), primary_key=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Instance(Base):
@@ -129,6 +155,8 @@ class Job(Base):
     backend: Mapped[str | None] = mapped_column(String(128))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    #: the :class:`CompletedBy` rule that queued this revision
+    completed_by: Mapped[str | None] = mapped_column(String(16))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     findings: Mapped[list[Finding]] = relationship(back_populates="job")
@@ -199,6 +227,7 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

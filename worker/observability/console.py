@@ -113,6 +113,7 @@ def _sent(r: dict[str, Any]) -> str:
 
 
 _TIMING: list[tuple[str, Cell, str]] = [
+    _col("Completed by", "completed_by"),
     ("Quiet", _dur("quiet_s"), "n"), ("Wait", _dur("wait_s"), "n"), ("Process", _dur("processing_s"), "n"),
     ("Deliver", _dur("delivery_s"), "n"), ("Total", _dur("total_s"), "n"), ("Sent", _sent, "n"),
 ]
@@ -185,7 +186,9 @@ class Console:
         summary = "".join(f'<a href="/?state={_e(c["study_state"])}">{_state(c["study_state"])} {c["n"]}</a>'
                           for c in counts) or "no studies yet "
         shown = f"{len(rows)} most recent" + (f" in state {state.upper()}" if state else "")
-        body = (f'<p class="sum">{summary}<a href="/">all</a></p><p>{_e(shown)}. Quiet: last image to queued, '
+        body = (f'<p class="sum">{summary}<a href="/">all</a></p><p>{_e(shown)}. '
+                "Completed by: the rule that found the study complete (association: released and settled; "
+                "quiet: no image for the quiet period; max_wait: arriving too long). Quiet: last image to queued, "
                 "Wait: queued to started, Process: started to results, Deliver: results to all delivered.</p>"
                 + _table(_STUDIES, rows, "no studies match"))
         return _page("Studies", body)

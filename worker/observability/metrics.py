@@ -30,6 +30,8 @@ RECEIVED_BYTES = Counter("pleura_received_bytes", "Encoded bytes of the instance
 ASSOCIATIONS_ACTIVE = Gauge("pleura_associations_active", "Inbound DICOM associations open now")
 ASSOCIATIONS_REJECTED = Counter("pleura_associations_rejected", "Inbound associations refused, by reason",
                                 ["reason"])
+STUDIES_COMPLETED = Counter("pleura_studies_completed", "Study revisions queued, by the rule that found them "
+                            "complete: association (released, settled), quiet (quiet period), max_wait", ["rule"])
 STAGE_SECONDS = Histogram("pleura_stage_seconds", "Time a study spent in each stage: received_to_queued "
                           "(last instance to queued), queued_to_processing (to first claim), processing_to_results "
                           "(claim to results committed), results_to_delivered (per delivery)",
@@ -42,6 +44,8 @@ DELIVERY_ATTEMPTS = Counter("pleura_delivery_attempts", "C-STORE tries of result
                             "(will be tried again) or failed (the delivery ended FAILED)", ["outcome"])
 DELIVERY_FAILURES = Counter("pleura_delivery_failures", "Deliveries that ended FAILED, by reason", ["reason"])
 
+for _rule in ("association", "quiet", "max_wait"):
+    STUDIES_COMPLETED.labels(_rule)
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)
 for _outcome in ("delivered", "retry", "failed"):

@@ -1,0 +1,123 @@
+"""Taking back, at start, the work that a dead predecessor of this process held.
+
+Leases are owned by ``host:name:pid`` (:func:`owner`). A lease is certainly dead when its owner
+ran on this host and its process is gone, or had this process's pid (a container restarted),
+or carried the ``--name`` this worker was explicitly given (the same worker restarted, perhaps
+on another host). :func:`recover` takes those leases back and publishes the work at once,
+instead of letting it wait out the lease. ``pleura serve`` also re-publishes every queued job
+and due delivery: its broker lived in the dead process. The claim rules stay as they are, so a
+message sent twice still does the work once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy import select, update
+
+from worker.ledger import Delivery, Job
+from worker.ledger.db import Ledger, utcnow
+from worker.ledger.events import record
+from worker.ledger.models import DeliveryState, JobState
+from worker.sweeper import DELIVER_TASK, PROCESS_TASK, Publish
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who holds a lease: this host, a process name (``serve``, ``worker-NAME``), this pid."""
+
+    host: str
+    name: str
+    pid: int
+    explicit_name: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.name}:{self.pid}"
+
+    def is_predecessor(self, lease_owner: str) -> bool:
+        """True when ``lease_owner`` is certainly a dead earlier process (see the module's text)."""
+        if lease_owner == str(self):
+            return False
+        parts = lease_owner.rsplit(":", 2)
+        host, name = parts[0], parts[1] if len(parts) == 3 else None
+        try:
+            pid = int(parts[-1])
+        except ValueError:
+            return False
+        if host == self.host:
+            return pid == self.pid or not _alive(pid)
+        return self.explicit_name and name == self.name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_identity = Identity(socket.gethostname(), "pleura", os.getpid())
+
+
+def owner() -> str:
+    """This process's lease owner string."""
+    return str(_identity)
+
+
+def set_identity(name: str, explicit: bool = False) -> Identity:
+    """Name this process (``serve``, ``worker-NAME``) for its leases; call before it claims anything."""
+    global _identity
+    _identity = Identity(socket.gethostname(), name, os.getpid(), explicit)
+    return _identity
+
+
+@dataclass
+class Recovered:
+    jobs: list[int] = field(default_factory=list)
+    deliveries: list[int] = field(default_factory=list)
+    owners: list[str] = field(default_factory=list)
+
+
+def recover(ledger: Ledger, publish: Publish, requeue_all: bool) -> Recovered:
+    """Release predecessors' leases (and, ``requeue_all``, take every queued job and due delivery)
+    and publish that work now; a publish that fails is left to the sweeper."""
+    me, now, found = _identity, utcnow(), Recovered()
+    with ledger.session() as s:
+        owners = set(s.scalars(select(Job.lease_owner).where(Job.state == JobState.RUNNING)).all())
+        owners |= set(s.scalars(select(Delivery.lease_owner).where(Delivery.state == DeliveryState.SENDING)).all())
+        found.owners = sorted(o for o in owners if o and me.is_predecessor(o))
+        released_job = (Job.state == JobState.RUNNING) & Job.lease_owner.in_(found.owners)
+        released_delivery = (Delivery.state == DeliveryState.SENDING) & Delivery.lease_owner.in_(found.owners)
+        if requeue_all:
+            released_job |= Job.state == JobState.QUEUED
+            released_delivery |= (Delivery.state == DeliveryState.PENDING) & (Delivery.next_attempt_at <= now)
+        found.jobs = list(s.scalars(select(Job.id).where(released_job).with_for_update()).all())
+        found.deliveries = list(s.scalars(select(Delivery.id).where(released_delivery).with_for_update()).all())
+        # an expired lease is claimable (worker.jobs.claim, worker.delivery); a queued row is as it was
+        s.execute(update(Job).where(Job.id.in_(found.jobs), Job.state == JobState.RUNNING)
+                  .values(lease_expires_at=now))
+        s.execute(update(Job).where(Job.id.in_(found.jobs)).values(published_at=now))
+        s.execute(update(Delivery).where(Delivery.id.in_(found.deliveries), Delivery.state == DeliveryState.SENDING)
+                  .values(lease_expires_at=now))
+        s.execute(update(Delivery).where(Delivery.id.in_(found.deliveries)).values(published_at=now))
+        if found.jobs or found.deliveries:
+            record(s, "work_recovered", by=str(me), from_owners=found.owners, jobs=found.jobs,
+                   deliveries=found.deliveries)
+    unsent_jobs = [i for i in found.jobs if not publish(PROCESS_TASK, i)]
+    unsent_deliveries = [i for i in found.deliveries if not publish(DELIVER_TASK, i)]
+    if unsent_jobs or unsent_deliveries:
+        with ledger.session() as s:
+            s.execute(update(Job).where(Job.id.in_(unsent_jobs)).values(published_at=None))
+            s.execute(update(Delivery).where(Delivery.id.in_(unsent_deliveries)).values(published_at=None))
+    if found.jobs or found.deliveries:
+        log.info("work recovered from predecessors", owners=len(found.owners), jobs=len(found.jobs),
+                 deliveries=len(found.deliveries))
+    return found
