@@ -31,7 +31,7 @@ from tests.support import free_port, wait_for
 pytestmark = pytest.mark.integration
 
 STUDIES, IMAGES = 3, 2
-QUIET = 2  # pleura_env's quiet period
+SETTLE = 1.0  # the default PLEURA_STUDY_SETTLE_SECONDS
 OUTPUTS = STUDIES * (IMAGES + 1)  # one SC per image and one SR per study, one destination
 
 
@@ -122,8 +122,11 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
         assert _sample(lm, "pleura_received_bytes_total") == scalar("SELECT sum(size_bytes) FROM instances") > 0
         assert _sample(lm, "pleura_associations_rejected_total", reason="called_ae") == 1
         assert _sample(lm, "pleura_stage_seconds_count", stage="received_to_queued") == STUDIES
-        assert _sample(lm, "pleura_stage_seconds_bucket", stage="received_to_queued", le="1.0") == 0  # quiet period
-        assert _sample(lm, "pleura_stage_seconds_sum", stage="received_to_queued") >= STUDIES * QUIET
+        # every sender released its association: complete one settle time (1 s) after the last image
+        assert _sample(lm, "pleura_studies_completed_total", rule="association") == STUDIES
+        assert _sample(lm, "pleura_studies_completed_total", rule="quiet") == 0
+        assert _sample(lm, "pleura_stage_seconds_bucket", stage="received_to_queued", le="1.0") == 0
+        assert _sample(lm, "pleura_stage_seconds_sum", stage="received_to_queued") >= STUDIES * SETTLE
         assert _sample(lm, "pleura_ledger_up") == 1
         assert _sample(lm, "pleura_studies", state="DONE") == STUDIES == scalar(
             "SELECT count(*) FROM studies WHERE state = 'DONE'")
