@@ -39,7 +39,8 @@ from pynetdicom import AE
 from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, wait_port
 from bench.time_to_result import NIH, PLEURA, Destination, fresh_study, templates
 
-CONFIGS = {"default": {}, "quiet5": {"PLEURA_STUDY_SETTLE_SECONDS": "-1", "PLEURA_STUDY_QUIET_SECONDS": "5"}}
+CONFIGS = {"default": {}, "quiet5": {"PLEURA_STUDY_SETTLE_SECONDS": "-1", "PLEURA_STUDY_QUIET_SECONDS": "5"},
+           "settle0.5": {"PLEURA_STUDY_SETTLE_SECONDS": "0.5"}}
 
 
 def send_and_release(port: int, datasets: list[Dataset]) -> float:

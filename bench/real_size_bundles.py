@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         dinov2_checkpoint(sources["vitb14-518"][1])
         for name, (kind, source) in sources.items():
             started = time.monotonic()
+            options = ["--option", f"heads={source / 'heads.npz'}"] if kind == "dinov2" else []
             subprocess.run([PLEURA, "models", "import", kind, str(source), "--name", name, "--version", "random-1",
-                            "--out", str(args.out / name)], check=True)
+                            "--out", str(args.out / name), *options], check=True)
             print(f"{name}: imported in {time.monotonic() - started:.0f} s", flush=True)
 
 

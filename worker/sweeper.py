@@ -8,6 +8,7 @@ every transition is a conditional UPDATE that only one of them wins.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 import time
@@ -140,15 +141,13 @@ class Sweeper(threading.Thread):
         self.run_once = run_once
         self._cond = threading.Condition()
         self._stopped = False
-        self._wake_at: float | None = None
+        self._wake_at: list[float] = []  # a heap of monotonic times
 
     def wake_in(self, seconds: float) -> None:
-        """Run once more ``seconds`` from now (earlier wake-ups win; the interval goes on)."""
-        at = time.monotonic() + seconds
+        """Run once more ``seconds`` from now (besides the interval; every such request is kept)."""
         with self._cond:
-            if self._wake_at is None or at < self._wake_at:
-                self._wake_at = at
-                self._cond.notify()
+            heapq.heappush(self._wake_at, time.monotonic() + seconds)
+            self._cond.notify()
 
     def run(self) -> None:
         regular = time.monotonic()
@@ -158,12 +157,12 @@ class Sweeper(threading.Thread):
                     if self._stopped:
                         return
                     now = time.monotonic()
-                    due = min(regular, self._wake_at if self._wake_at is not None else math.inf)
+                    due = min(regular, self._wake_at[0] if self._wake_at else math.inf)
                     if now >= due:
                         break
                     self._cond.wait(None if math.isinf(due) else due - now)
-                if self._wake_at is not None and self._wake_at <= now:
-                    self._wake_at = None
+                while self._wake_at and self._wake_at[0] <= now:  # one run answers all that are due
+                    heapq.heappop(self._wake_at)
             if now >= regular:
                 regular = now + self.interval if self.interval is not None else math.inf
             try:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
 from dicom_node.scp import Peer, StoredInstance
+from tests.support import wait_for
 from worker import jobs, recovery
 from worker.intake import LedgerReceiver
 from worker.ledger import Delivery, Event, Job, OutputObject, Study, StudyArrival
 from worker.ledger.db import Ledger, upgrade, utcnow
 from worker.ledger.models import DeliveryState, JobState, StudyState
-from worker.sweeper import DELIVER_TASK, PROCESS_TASK, sweep
+from worker.sweeper import DELIVER_TASK, PROCESS_TASK, Sweeper, sweep
 
 STUDY = "1.2.826.0.1.3680043.10.543.77"
 QUIET, SETTLE, MAX_WAIT = 30.0, 1.0, 600.0
@@ -214,3 +216,19 @@ def test_a_lease_owner_names_host_process_and_pid() -> None:
     assert me.is_predecessor("host2:worker-7:99") and not me.is_predecessor("host2:worker-8:99")
     assert not recovery.Identity("host1", "worker-1", 4242).is_predecessor("host2:worker-1:99")  # default name
     assert not me.is_predecessor("garbage")
+
+
+def test_the_sweeper_runs_at_every_wake_up_asked_for() -> None:
+    runs: list[float] = []
+    sweeper = Sweeper(None, lambda: runs.append(time.monotonic()))
+    sweeper.start()
+    try:
+        wait_for(lambda: runs, 5, "the first sweep at start")
+        asked = time.monotonic()
+        sweeper.wake_in(0.3)
+        sweeper.wake_in(0.6)  # a later wake-up is kept, not swallowed by the earlier one
+        wait_for(lambda: len(runs) == 3, 5, "two more sweeps")
+    finally:
+        sweeper.stop()
+        sweeper.join(5)
+    assert [round(t - asked, 1) for t in runs[1:]] == [0.3, 0.6]
