@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,57 +32,37 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from pynetdicom import AE
 
 from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, wait_port
-from bench.time_to_result import NIH, PLEURA, Destination, fresh_study, templates
+from bench.time_to_result import (
+    NIH,
+    PLEURA,
+    Destination,
+    fresh_study,
+    send_study,
+    start_destination,
+    start_production,
+    templates,
+)
 
 CONFIGS = {"default": {}, "quiet5": {"PLEURA_STUDY_SETTLE_SECONDS": "-1", "PLEURA_STUDY_QUIET_SECONDS": "5"},
            "settle0.5": {"PLEURA_STUDY_SETTLE_SECONDS": "0.5"}}
 
 
-def send_and_release(port: int, datasets: list[Dataset]) -> float:
-    """C-STORE over one association, then A-RELEASE; the wall-clock time the release completed."""
-    ae = AE(ae_title="MODALITY")
-    ae.maximum_pdu_size = 0
-    for ds in datasets:
-        ae.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-    assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
-    if not assoc.is_established:
-        raise RuntimeError("association refused")
-    for ds in datasets:
-        status = assoc.send_c_store(ds)
-        if int(getattr(status, "Status", -1)) != 0:
-            assoc.abort()
-            raise RuntimeError(f"C-STORE status {getattr(status, 'Status', None)}")
-    assoc.release()
-    return time.time()
-
-
 def _stack(stack: ExitStack, mode: str, config: dict[str, str], tmp: Path, args: argparse.Namespace) -> tuple[
         int, Destination]:
     """Start the mode's processes (and a storescp) with ``config``; the DICOM port and the destination."""
-    received = tmp / "received"
-    received.mkdir()
-    dest_port, port = free_port(), free_port()
-    dest = stack.enter_context(process(["storescp", "-aet", "DEST", "-od", str(received), "-uf", "+xa",
-                                        str(dest_port)], tmp / "storescp.log"))
-    wait_port(dest_port, dest, tmp / "storescp.log")
+    dest_port, destination = start_destination(stack, tmp)
+    port = free_port()
     env = {"PLEURA_DATA_DIR": str(tmp / "var"), "PLEURA_DICOM_PORT": str(port),
            "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}", "PLEURA_MIN_FREE_DISK_MB": "20", **config}
     if mode == "embedded":
-        first = stack.enter_context(process([PLEURA, "serve"], tmp / "serve.log", env))
-        wait_port(port, first, tmp / "serve.log")
+        serve = stack.enter_context(process([PLEURA, "serve"], tmp / "serve.log", env))
+        wait_port(port, serve, tmp / "serve.log")
     else:
         env["PLEURA_DATABASE_URL"] = stack.enter_context(postgres_db(args.pg_admin))
         env["PLEURA_BROKER_URL"] = stack.enter_context(rabbitmq_vhost(args.rabbitmq_host))
-        subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True,
-                       timeout=120)
-        first = stack.enter_context(process([PLEURA, "listen"], tmp / "listen.log", env))
-        stack.enter_context(process([PLEURA, "worker"], tmp / "worker.log", env))
-        wait_port(port, first, tmp / "listen.log")
-    destination = Destination(received)
-    stack.callback(destination.stop)
+        start_production(stack, env, tmp)
     return port, destination
 
 
@@ -98,7 +76,7 @@ def run_rate(port: int, dest: Destination, pool: list[Dataset], rate: float, n: 
         delay = t0 + k / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        released[uids[k]] = send_and_release(port, study)
+        released[uids[k]] = send_study(port, study)[1]
     dest.wait(uids, 60)
     waits = [dest.sr_at[u] - released[u] for u in uids if u in dest.sr_at]
     pct = lambda q: round(float(np.percentile(waits, q)), 3) if waits else None  # noqa: E731

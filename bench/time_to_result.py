@@ -86,8 +86,9 @@ def fresh_study(pool: list[Dataset], first: int, images: int) -> list[Dataset]:
     return out
 
 
-def send_study(port: int, datasets: list[Dataset]) -> float:
-    """C-STORE over one association; the wall-clock time of the last Success response."""
+def send_study(port: int, datasets: list[Dataset]) -> tuple[float, float]:
+    """C-STORE over one association, then A-RELEASE; the wall-clock times of the last Success
+    response and of the end of the release."""
     ae = AE(ae_title="MODALITY")
     ae.maximum_pdu_size = 0
     for ds in datasets:
@@ -95,16 +96,15 @@ def send_study(port: int, datasets: list[Dataset]) -> float:
     assoc = ae.associate("127.0.0.1", port, ae_title="PLEURA")
     if not assoc.is_established:
         raise RuntimeError("association refused")
-    try:
-        acked = 0.0
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            acked = time.time()
-            if int(getattr(status, "Status", -1)) != 0:
-                raise RuntimeError(f"C-STORE status {getattr(status, 'Status', None)}")
-        return acked
-    finally:
-        assoc.release()
+    acked = 0.0
+    for ds in datasets:
+        status = assoc.send_c_store(ds)
+        acked = time.time()
+        if int(getattr(status, "Status", -1)) != 0:
+            assoc.abort()
+            raise RuntimeError(f"C-STORE status {getattr(status, 'Status', None)}")
+    assoc.release()
+    return acked, time.time()
 
 
 class Destination:
@@ -141,6 +141,29 @@ class Destination:
         self._thread.join(5)
 
 
+def start_destination(stack: ExitStack, tmp: Path) -> tuple[int, Destination]:
+    """A DCMTK ``storescp`` (AE ``DEST``) writing into ``tmp/received``, watched; its port."""
+    received = tmp / "received"
+    received.mkdir()
+    port = free_port()
+    proc = stack.enter_context(process(["storescp", "-aet", "DEST", "-od", str(received), "-uf", "+xa", str(port)],
+                                       tmp / "storescp.log"))
+    wait_port(port, proc, tmp / "storescp.log")
+    dest = Destination(received)
+    stack.callback(dest.stop)
+    return port, dest
+
+
+def start_production(stack: ExitStack, env: dict[str, str], tmp: Path) -> None:
+    """``pleura db upgrade``, then ``pleura listen`` and one ``pleura worker`` with ``env``, until the
+    listener's port (``PLEURA_DICOM_PORT``) is open."""
+    subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True,
+                   timeout=120)
+    listen = stack.enter_context(process([PLEURA, "listen"], tmp / "listen.log", env))
+    stack.enter_context(process([PLEURA, "worker"], tmp / "worker.log", env))
+    wait_port(int(env["PLEURA_DICOM_PORT"]), listen, tmp / "listen.log")
+
+
 # --- one rate ----------------------------------------------------------------------------------------
 
 
@@ -156,7 +179,7 @@ def run_rate(port: int, dest: Destination, pool: list[Dataset], rate: float, n: 
         if delay > 0:
             time.sleep(delay)
         late.append(max(0.0, -delay))
-        acked[uids[k]] = send_study(port, study)
+        acked[uids[k]] = send_study(port, study)[0]
     dest.wait(uids, drain)
     ttr = [dest.sr_at[u] - acked[u] - quiet if u in dest.sr_at else None for u in uids]
     got = [t for t in ttr if t is not None]
@@ -283,23 +306,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pool = templates(args.nih, args.pool, args.transfer_syntax, tmp / "pool")
         db_url = stack.enter_context(postgres_db(args.pg_admin))
         broker = stack.enter_context(rabbitmq_vhost(args.rabbitmq_host))
-        received = tmp / "received"
-        received.mkdir()
-        dest_port, port = free_port(), free_port()
-        dest_proc = stack.enter_context(process(["storescp", "-aet", "DEST", "-od", str(received), "-uf", "+xa",
-                                                 str(dest_port)], tmp / "storescp.log"))
-        wait_port(dest_port, dest_proc, tmp / "storescp.log")
+        dest_port, dest = start_destination(stack, tmp)
+        port = free_port()
         env = {"PLEURA_DATA_DIR": str(tmp / "var"), "PLEURA_DATABASE_URL": db_url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_PORT": str(port), "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
                "PLEURA_STUDY_QUIET_SECONDS": str(args.quiet), "PLEURA_SWEEP_INTERVAL_SECONDS": str(args.sweep),
                "PLEURA_MIN_FREE_DISK_MB": "20", "PLEURA_BACKEND": args.backend}
-        subprocess.run([PLEURA, "db", "upgrade"], env={**os.environ, **env}, check=True, capture_output=True,
-                       timeout=120)
-        listen = stack.enter_context(process([PLEURA, "listen"], tmp / "listen.log", env))
-        stack.enter_context(process([PLEURA, "worker"], tmp / "worker.log", env))
-        wait_port(port, listen, tmp / "listen.log")
-        dest = Destination(received)
-        stack.callback(dest.stop)
+        start_production(stack, env, tmp)
         try:
             warm = run_rate(port, dest, pool, 1.0, 2, args.images, args.quiet, 120, 0)  # model load, connections
             if warm["received"] < 2:
