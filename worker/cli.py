@@ -123,6 +123,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     # the dead predecessor's broker held its queue: its deliveries go out while the model loads
     recover(rt.ledger, rt.publish, requeue_all=True)
     rt.engine()
+    rt.cpu().start()
     sweepers = _start_sweepers(rt)
     scp = _start_listener(rt, sweepers[0])
     http = start_http(settings, rt, "serve")
@@ -185,6 +186,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     _require_schema(rt)
     rt.engine()
+    rt.cpu().start()
     recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([

@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import structlog
@@ -32,12 +30,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.pixels import UndecodableImage, decode
-from dicom_node.results.content import Algorithm, FindingResult, ImageResult
+from dicom_node.results.content import Algorithm, ImageResult
 from dicom_node.results.not_analysed import build_not_analysed
-from dicom_node.results.sc import build_sc, display_image
-from dicom_node.results.sr import build_sr
+from dicom_node.results.sc import display_image
 from dicom_node.results.uids import derive_uid
-from dicom_node.spool import atomic_write
 from engines import Engine
 from engines.batching import DynamicBatcher
 from worker import eligibility
@@ -50,19 +46,22 @@ from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.logging import log_context
 from worker.observability.metrics import observe_stage
 from worker.prepared import Prepared, PreparedCache
+from worker.result_objects import (
+    NOT_ANALYSED_KIND,
+    NOT_ANALYSED_SERIES_NUMBER,
+    SR_KIND,
+    Image,
+    Output,
+    StudyRevision,
+    build_study,
+    written,
+)
 from worker.runtime import Runtime
 from worker.sweeper import DELIVER_TASK
 from worker.version import __version__
 
 log = structlog.get_logger(__name__)
 
-SR_SERIES_NUMBER = 9901
-SC_SERIES_NUMBER = 9902
-NOT_ANALYSED_SERIES_NUMBER = 9903
-#: ``output_objects.kind`` of each object the pipeline produces.
-SR_KIND, SC_KIND, NOT_ANALYSED_KIND = "SR", "SC", "SR-NA"
-#: Name of the bundle finding used as the study-level triage summary, when the bundle has it.
-SUMMARY_FINDING = "Abnormal"
 #: ``studies.note`` of a study without an eligible image, with and without a not-analysed notice.
 _NOTE_NO_ELIGIBLE = "no eligible images"
 _NOTE_NOT_ANALYSED = "no eligible images; not-analysed SR produced"
@@ -77,15 +76,6 @@ class _Source:
     path: str
     sha256: str
     number: int  # arrival rank in the study: the instance number of its SC
-
-
-@dataclass(frozen=True)
-class _Output:
-    kind: str
-    dataset: Dataset
-    path: Path
-    source_sop_instance_uid: str | None = None
-    predecessor_sop_instance_uid: str | None = None
 
 
 def run_job(rt: Runtime, job_id: int) -> None:
@@ -137,7 +127,8 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
 
     cache = PreparedCache.of(rt.settings, engine.bundle)
     t0 = time.perf_counter()
-    eligible, reasons = _gate(sources, engine.bundle.intended_use, cache.load)
+    eligible, reasons = _gate(sources, engine.bundle.intended_use, cache.load_when_ready,
+                              lambda _ds, path: rt.cpu().decode(path))
     t1 = time.perf_counter()
     results, embeddings = _infer(rt.batcher(), engine, eligible)
     t2 = time.perf_counter()
@@ -199,6 +190,10 @@ def _no_cache(_sha256: str) -> Prepared | None:
     return None
 
 
+def _decode_here(ds: Dataset, _path: str) -> np.ndarray:
+    return decode(ds)
+
+
 def _previous_path(s: Session, job: Job, bundle_name: str, kind: str) -> str | None:
     """The newest object of ``kind`` that another job of this study made with this bundle."""
     previous = s.scalars(
@@ -212,12 +207,14 @@ def _previous_path(s: Session, job: Job, bundle_name: str, kind: str) -> str | N
 
 
 def _gate(
-    sources: list[_Source], intended_use: dict, prepared: Callable[[str], Prepared | None] = _no_cache
+    sources: list[_Source], intended_use: dict, prepared: Callable[[str], Prepared | None] = _no_cache,
+    decode_image: Callable[[Dataset, str], np.ndarray] = _decode_here,
 ) -> tuple[list[_Eligible], dict[int, eligibility.Refusal]]:
     """Read, check and decode every instance; return the eligible ones and the reasons of the rest.
 
     An instance with a ``prepared(sha256)`` entry is not decoded: its header is read and
-    checked again (the bundle's intended use decides, as for any other image).
+    checked again (the bundle's intended use decides, as for any other image). The others are
+    decoded by ``decode_image(dataset, path)`` (the worker's decoder processes; here by default).
     A hostile or broken file costs only its own image: any failure becomes its reason (the
     exception's type, never its message, which may quote attribute values). Only the gate's
     chest-domain refusals and pixels that cannot be decoded are chest domain; a file that
@@ -237,7 +234,7 @@ def _gate(
         try:
             reason = eligibility.check(ds, intended_use)
             if reason is None:
-                eligible.append((source, ds, entry if entry is not None else decode(ds)))
+                eligible.append((source, ds, entry if entry is not None else decode_image(ds, source.path)))
                 continue
         except UndecodableImage as exc:  # passed the gate: a chest X-ray the model cannot read
             reason = eligibility.undecodable(str(exc))
@@ -273,47 +270,15 @@ def _build_outputs(
     results: list[ImageResult],
     eligible: list[_Eligible],
     previous_sr_path: str | None,
-) -> list[_Output]:
-    """One SR per study revision and one SC per image, with UIDs derived from the inputs."""
+) -> list[Output]:
+    """One SR per study revision and one SC per image (worker.result_objects), built in a CPU process."""
     if not results:
         return []
     algorithm, model = _algorithm(engine)
-    input_key = hashlib.sha256(
-        "|".join(f"{src.sop_instance_uid}:{src.sha256}" for src, _, _ in eligible).encode()
-    ).hexdigest()
-    folder = rt.settings.outbox_dir / study_uid
-    outputs: list[_Output] = []
-    for (source, _ds, _px), result in zip(eligible, results, strict=True):
-        sc_uid = derive_uid("sc", source.sop_instance_uid, source.sha256, *model)
-        sc = build_sc(
-            result,
-            algorithm,
-            series_instance_uid=derive_uid("sc-series", study_uid, *model),
-            sop_instance_uid=sc_uid,
-            series_number=SC_SERIES_NUMBER,
-            instance_number=source.number,
-        )
-        outputs.append(_Output(SC_KIND, sc, folder / f"{sc_uid}.dcm", source.sop_instance_uid))
-    predecessor = dcmread(previous_sr_path) if previous_sr_path else None
-    sr_uid = derive_uid("sr", study_uid, input_key, *model)
-    if predecessor is not None and str(predecessor.SOPInstanceUID) == sr_uid:
-        predecessor = None
-    sr = build_sr(
-        results,
-        algorithm,
-        series_instance_uid=derive_uid("sr-series", study_uid, *model),
-        sop_instance_uid=sr_uid,
-        series_number=SR_SERIES_NUMBER,
-        instance_number=revision,
-        predecessor=predecessor,
-        study_summary=_summary(results),
-    )
-    outputs.append(
-        _Output(SR_KIND, sr, folder / f"{sr_uid}.dcm",
-                predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)
-    )
-    _write(outputs)
-    return outputs
+    images = tuple(Image(source.sop_instance_uid, source.sha256, source.number, result)
+                   for (source, _ds, _px), result in zip(eligible, results, strict=True))
+    return rt.cpu().call(build_study, StudyRevision(study_uid, revision, rt.settings.outbox_dir / study_uid,
+                                                    algorithm, model, images, previous_sr_path))
 
 
 def _build_not_analysed(
@@ -324,7 +289,7 @@ def _build_not_analysed(
     sources: list[_Source],
     reasons: dict[int, eligibility.Refusal],
     previous_path: str | None,
-) -> list[_Output]:
+) -> list[Output]:
     """The not-analysed notice for a study without an eligible image, when at least one of its
     images was refused for a chest-domain reason; else nothing.
 
@@ -357,9 +322,8 @@ def _build_not_analysed(
             instance_number=revision,
             predecessor=predecessor,
         )
-        outputs = [_Output(NOT_ANALYSED_KIND, notice, rt.settings.outbox_dir / study_uid / f"{uid}.dcm",
-                           predecessor_sop_instance_uid=str(predecessor.SOPInstanceUID) if predecessor else None)]
-        _write(outputs)
+        outputs = [written(NOT_ANALYSED_KIND, notice, rt.settings.outbox_dir / study_uid / f"{uid}.dcm",
+                           predecessor=predecessor)]
     except MemoryError:
         raise
     except Exception as exc:  # a header the SR cannot carry: the study ends without a notice, not FAILED
@@ -382,37 +346,19 @@ def _algorithm(engine: Engine) -> tuple[Algorithm, tuple[str, str, str]]:
     return algorithm, (bundle.name, bundle.version, bundle.model_sha256[:16])
 
 
-def _write(outputs: list[_Output]) -> None:
-    for output in outputs:  # an object already written (same UID) keeps its bytes
-        if not output.path.exists():
-            atomic_write(output.path, _encode(output.dataset))
-
-
-def _encode(ds: Dataset) -> bytes:
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _summary(results: list[ImageResult]) -> FindingResult | None:
-    """The study's triage score: the highest per-image value of the summary finding."""
-    candidates = [f for r in results for f in r.findings if f.name == SUMMARY_FINDING]
-    return max(candidates, key=lambda f: f.probability) if candidates else None
-
-
-def _record_outputs(s: Session, rt: Runtime, job_id: int, outputs: list[_Output], now: datetime) -> list[int]:
+def _record_outputs(s: Session, rt: Runtime, job_id: int, outputs: list[Output], now: datetime) -> list[int]:
     """Insert output objects (skipping UIDs already produced) and one delivery per destination."""
     delivery_ids: list[int] = []
     for output in outputs:
-        uid = str(output.dataset.SOPInstanceUID)
+        uid = output.sop_instance_uid
         if s.scalars(select(OutputObject.id).where(OutputObject.sop_instance_uid == uid)).first():
             continue
         obj = OutputObject(
             job_id=job_id,
             kind=output.kind,
             sop_instance_uid=uid,
-            sop_class_uid=str(output.dataset.SOPClassUID),
-            series_instance_uid=str(output.dataset.SeriesInstanceUID),
+            sop_class_uid=output.sop_class_uid,
+            series_instance_uid=output.series_instance_uid,
             source_sop_instance_uid=output.source_sop_instance_uid,
             predecessor_sop_instance_uid=output.predecessor_sop_instance_uid,
             path=str(output.path),

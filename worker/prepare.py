@@ -11,7 +11,6 @@ from __future__ import annotations
 import structlog
 from pydicom import dcmread
 
-from dicom_node.pixels import decode
 from dicom_node.results.sc import display_image
 from worker import eligibility
 from worker.ledger import Instance, Study
@@ -50,12 +49,15 @@ def _prepare(rt: Runtime, instance_id: int) -> None:
     cache = PreparedCache.of(rt.settings, engine.bundle)
     if sha256 in cache:
         return
-    ds = dcmread(path)
-    if eligibility.check(ds, engine.bundle.intended_use) is not None:
-        return  # the job records the reason
-    pixels = decode(ds)
-    entry = Prepared.from_output(rt.batcher().infer([pixels]), 0, display_image(pixels))
-    cache.store(sha256, entry)
+    with cache.preparing(sha256) as mine:
+        if not mine:
+            return  # a duplicated hint: the other one computes it
+        ds = dcmread(path, stop_before_pixels=True)
+        if eligibility.check(ds, engine.bundle.intended_use) is not None:
+            return  # the job records the reason
+        pixels = rt.cpu().decode(path)
+        entry = Prepared.from_output(rt.batcher().infer([pixels]), 0, display_image(pixels))
+        cache.store(sha256, entry)
     with rt.ledger.session() as s:
         study = s.get(Study, study_id)
         finished = study is None or study.state in _FINISHED

@@ -7,6 +7,10 @@ It is a cache: a study's job deletes its images' entries once it has succeeded, 
 unusable entry only means the job decodes and infers that image itself. Entries no job took (a
 study that failed for good, an instance whose bytes changed) are removed by :func:`prune` after
 :data:`ORPHAN_SECONDS`.
+
+While a hint computes an entry it holds a marker (``.<sha256>.preparing``); a job that finds the
+marker and no entry waits for it (:meth:`PreparedCache.load_when_ready`) rather than decoding and
+inferring the same image a second time on the same cores.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,10 @@ log = structlog.get_logger(__name__)
 
 #: Age after which an entry is an orphan: the listener's sweeper removes it (see :func:`prune`).
 ORPHAN_SECONDS = 24 * 3600
+#: How long after a marker was made a job still waits for its entry; past it the hint is taken
+#: for dead (a killed worker) or hopelessly late, and the job computes the image itself.
+PREPARING_SECONDS = 10.0
+_POLL_SECONDS = 0.02
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -105,6 +114,38 @@ class PreparedCache:
         if not _SHA256.fullmatch(sha256):
             raise ValueError("an instance sha256 is 64 lower-case hex digits")
         return self.folder / f"{sha256}.npz"
+
+    def marker(self, sha256: str) -> Path:
+        return self.folder / f".{self.path(sha256).stem}.preparing"
+
+    @contextmanager
+    def preparing(self, sha256: str) -> Iterator[bool]:
+        """Hold the marker of an entry being computed; yields False when another hint holds it."""
+        marker = self.marker(sha256)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def load_when_ready(self, sha256: str) -> Prepared | None:
+        """:meth:`load`, after waiting for a hint that is computing the entry (while its marker is
+        younger than :data:`PREPARING_SECONDS`)."""
+        marker = self.marker(sha256)
+        while not self.path(sha256).is_file():
+            try:
+                age = time.time() - marker.stat().st_mtime
+            except FileNotFoundError:
+                break  # no hint at work (or it just finished: the entry is read below)
+            if age > PREPARING_SECONDS:
+                break
+            time.sleep(_POLL_SECONDS)
+        return self.load(sha256)
 
     def __contains__(self, sha256: str) -> bool:
         return self.path(sha256).is_file()

@@ -11,6 +11,7 @@ import structlog
 from engines import Engine, load
 from engines.batching import DynamicBatcher
 from worker import models
+from worker.cpu import CpuPool
 from worker.ledger.db import Ledger
 from worker.observability.metrics import observe_batch
 from worker.settings import Settings
@@ -25,6 +26,7 @@ class Runtime:
     publish: Callable[[str, int], bool]
     _engines: dict[str, Engine] = field(default_factory=dict)
     _batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+    _cpu: CpuPool | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -59,6 +61,12 @@ class Runtime:
                 )
             return self._batchers[key]
 
+    def cpu(self) -> CpuPool:
+        """This process's pool for decoding and result building (worker.cpu), started on first use."""
+        with self._lock:
+            if self._cpu is None:
+                self._cpu = CpuPool(self.settings.cpu_processes)
+            return self._cpu
 
 _current: Runtime | None = None
 

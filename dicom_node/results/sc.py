@@ -140,23 +140,32 @@ def display_image(pixels: np.ndarray) -> np.ndarray:
 
 
 def _stretch(gray: np.ndarray) -> np.ndarray:
-    """``gray`` stretched between its 0.5 and 99.5 percentiles to [0, 1]."""
-    low, high = np.percentile(gray, (0.5, 99.5))
-    return np.clip((gray - low) / max(float(high - low), 1e-6), 0.0, 1.0)
+    """``gray`` stretched between its 0.5 and 99.5 percentiles to [0, 255], float32."""
+    low, high = (np.float32(v) for v in np.percentile(gray, (0.5, 99.5)))
+    out = np.subtract(gray, low, dtype=np.float32)
+    out *= np.float32(255.0) / max(high - low, np.float32(1e-6))
+    return np.clip(out, 0.0, 255.0, out=out)
 
 
 def _draw_image(pixels: np.ndarray, overlays: Sequence[FindingResult]) -> Image.Image:
+    """The grey image (float32 throughout) with each overlay's map blended in its colour."""
     gray = _stretch(display_image(pixels))
     size = (gray.shape[1], gray.shape[0])
-    rgb = np.repeat(gray[..., None] * 255.0, 3, axis=2)
+    channels = [gray, gray.copy(), gray.copy()]
     for finding, colour in zip(overlays, OVERLAY_COLOURS, strict=False):
         heat = upsample(finding.heatmap, size[1], size[0])
         peak = float(heat.max())
         if peak <= 0:
             continue
-        alpha = np.clip((heat / peak - _ALPHA_FLOOR) / (1 - _ALPHA_FLOOR), 0, 1) * _MAX_ALPHA
-        rgb = rgb * (1 - alpha[..., None]) + np.array(colour, np.float32) * alpha[..., None]
-    image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+        alpha = heat  # upsample's own array, reused in place
+        alpha *= np.float32(1 / (peak * (1 - _ALPHA_FLOOR)))
+        alpha -= np.float32(_ALPHA_FLOOR / (1 - _ALPHA_FLOOR))
+        np.clip(alpha, 0, 1, out=alpha)
+        alpha *= np.float32(_MAX_ALPHA)
+        for channel, value in zip(channels, colour, strict=True):  # c + (value - c) * alpha
+            channel += (np.float32(value) - channel) * alpha
+    rgb = np.stack(channels, axis=2)
+    image = Image.fromarray(np.clip(np.rint(rgb, out=rgb), 0, 255, out=rgb).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for finding, colour in zip(overlays, OVERLAY_COLOURS, strict=False):
         mark = finding_mark(finding.heatmap, rows=size[1], columns=size[0])

@@ -3,8 +3,9 @@
 ``PLEURA_TEST_KILL_SOPS`` (comma-separated SOP Instance UIDs): decoding one SIGKILLs the
 worker process, as a decoder segfault or the kernel's OOM killer would.
 ``PLEURA_TEST_OOM_SOPS``: inference on a study holding one raises MemoryError.
-Everything else runs unchanged, except that this worker ignores prepare-on-arrival hints: their
-decoding would bypass the marked job's. Run as ``python -m tests.reliability.crashing_worker worker``.
+Everything else runs unchanged, except that this worker ignores prepare-on-arrival hints (their
+decoding would bypass the marked job's) and decodes in its own process (``PLEURA_CPU_PROCESSES=0``:
+a pool process that dies only fails its call, tests/worker/test_cpu.py). Run as ``python -m tests.reliability.crashing_worker worker``.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import os
 import signal
 import sys
 
-from pydicom import Dataset
+from pydicom import dcmread
 
-from worker import cli, pipeline
+from worker import cli, cpu, pipeline
 
 os.environ["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
+os.environ["PLEURA_CPU_PROCESSES"] = "0"
 _KILL = set(filter(None, os.environ.get("PLEURA_TEST_KILL_SOPS", "").split(",")))
 _OOM = set(filter(None, os.environ.get("PLEURA_TEST_OOM_SOPS", "").split(",")))
-_decode, _infer = pipeline.decode, pipeline._infer
+_decode_file, _infer = cpu.decode_file, pipeline._infer
 
 
-def decode(ds: Dataset):  # type: ignore[no-untyped-def]
-    if str(ds.SOPInstanceUID) in _KILL:
+def decode_file(path: str):  # type: ignore[no-untyped-def]
+    if str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) in _KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _decode(ds)
+    return _decode_file(path)
 
 
 def infer(batcher, engine, eligible):  # type: ignore[no-untyped-def]
@@ -35,7 +37,7 @@ def infer(batcher, engine, eligible):  # type: ignore[no-untyped-def]
     return _infer(batcher, engine, eligible)
 
 
-pipeline.decode, pipeline._infer = decode, infer
+cpu.decode_file, pipeline._infer = decode_file, infer
 
 if __name__ == "__main__":
     cli.main(sys.argv[1:])

@@ -35,7 +35,7 @@ from worker.intake import LedgerReceiver
 from worker.ledger import Embedding, Event, Finding, Instance, OutputObject
 from worker.ledger.db import Ledger, upgrade
 from worker.prepare import prepare
-from worker.prepared import ORPHAN_SECONDS, PreparedCache, prune
+from worker.prepared import ORPHAN_SECONDS, PREPARING_SECONDS, PreparedCache, prune
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.sweeper import PREPARE_TASK, sweep
@@ -206,6 +206,37 @@ def test_a_damaged_entry_is_recomputed(node: _Node) -> None:
     assert node.process()["prepared"] == 0
     files, findings, _ = node.results()
     assert sorted(files) == ["SC", "SR"] and len(findings) == 4
+
+
+def test_a_job_waits_for_a_hint_at_work_instead_of_decoding_twice(node: _Node, base: Runtime) -> None:
+    instance_id, sha256 = node.receive(_chest_cr("in-flight"))
+    prepare(node.rt, instance_id)
+    entry = node.cache.load(sha256)
+    assert entry is not None
+    node.cache.discard([sha256])
+    inferred = base.batcher().images
+    with node.cache.preparing(sha256) as mine:  # a hint is at work on this image
+        assert mine
+        prepare(node.rt, instance_id)  # a duplicated hint leaves it to the first
+        assert sha256 not in node.cache and base.batcher().images == inferred
+        threading.Timer(0.3, node.cache.store, args=(sha256, entry)).start()
+        started = time.perf_counter()
+        waited = node.cache.load_when_ready(sha256)
+        assert waited is not None and time.perf_counter() - started >= 0.25
+        assert np.array_equal(waited.probabilities, entry.probabilities)
+    assert not node.cache.marker(sha256).exists()
+    assert node.process()["prepared"] == 1 and base.batcher().images == inferred
+
+
+def test_a_marker_left_by_a_dead_hint_is_not_waited_for(node: _Node) -> None:
+    _instance_id, sha256 = node.receive(_chest_cr("stale-marker"))
+    with node.cache.preparing(sha256):
+        old = time.time() - PREPARING_SECONDS - 1
+        os.utime(node.cache.marker(sha256), (old, old))  # as a killed worker leaves it
+        started = time.perf_counter()
+        assert node.cache.load_when_ready(sha256) is None
+        assert time.perf_counter() - started < 0.5
+    assert node.process()["prepared"] == 0  # the job decoded and inferred it itself
 
 
 def test_intake_hints_accepted_instances_without_waiting_for_the_broker(node: _Node) -> None:

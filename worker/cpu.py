@@ -1,0 +1,81 @@
+"""CPU work off the worker's interpreter lock: a small pool of processes for decoding and building.
+
+A worker's jobs, prepare hints and deliveries are threads of one process, and the heaviest of
+their work holds the GIL: pydicom's JPEG 2000 decoder (openjpeg) for the whole image (0.26 s for
+the real CR; two threads take as long as one after the other), highdicom and pydicom building
+and encoding the SR and SC. On a 2-core host at one study a second that kept every other thread
+waiting. In a process of this pool each runs on a core of its own.
+
+``PLEURA_CPU_PROCESSES=0`` runs everything in the calling thread. The pool starts on first use
+(or :meth:`CpuPool.start`) with ``spawn`` (the worker's threads are never forked); a process that
+dies (a decoder crash, the OOM killer) fails the call it ran with ``BrokenProcessPool``, and the
+next call gets a new pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_node.pixels import decode
+
+T = TypeVar("T")
+
+
+def decode_file(path: str) -> np.ndarray:
+    """:func:`dicom_node.pixels.decode` of the file at ``path``."""
+    return decode(dcmread(path))
+
+
+class CpuPool:
+    """Runs picklable calls in ``processes`` processes (none: in the caller's thread)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def decode(self, path: str) -> np.ndarray:
+        """The image of ``path`` as float32 MONOCHROME2 in [0, 1]; raises what ``decode`` raises."""
+        return self.call(decode_file, path)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a pool process; its exception, or ``BrokenProcessPool`` if it died."""
+        if self.processes <= 0:
+            return fn(*args)
+        pool = self._started()
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+            raise
+
+    def start(self) -> None:
+        """Start the processes now, so that the first study does not wait for them."""
+        if self.processes > 0:
+            list(self._started().map(abs, range(self.processes)))
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _started(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
