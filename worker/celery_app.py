@@ -32,7 +32,9 @@ app.conf.update(
     broker_connection_max_retries=None,  # a worker waits out a broker restart, however long
     # the sweeper must not hang on a broker that is down: fail fast, the ledger re-publishes later
     task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
-    broker_transport_options={"polling_interval": 0.2},
+    # the embedded broker (memory://) is polled: 20 ms costs nothing in-process and adds at most 20 ms
+    # per hop (job, then deliveries) where 0.2 s added up to 0.4 s to every result (RabbitMQ pushes)
+    broker_transport_options={"polling_interval": 0.02},
 )
 
 

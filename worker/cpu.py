@@ -58,9 +58,11 @@ class CpuPool:
             raise
 
     def start(self) -> None:
-        """Start the processes now, so that the first study does not wait for them."""
+        """Start the processes now (without waiting for them), so that the first study need not."""
         if self.processes > 0:
-            list(self._started().map(abs, range(self.processes)))
+            pool = self._started()
+            for _ in range(self.processes):  # a process per task submitted while none is idle
+                pool.submit(abs, 0)
 
     def close(self) -> None:
         with self._lock:

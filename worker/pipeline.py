@@ -277,8 +277,9 @@ def _build_outputs(
     algorithm, model = _algorithm(engine)
     images = tuple(Image(source.sop_instance_uid, source.sha256, source.number, result)
                    for (source, _ds, _px), result in zip(eligible, results, strict=True))
-    return rt.cpu().call(build_study, StudyRevision(study_uid, revision, rt.settings.outbox_dir / study_uid,
-                                                    algorithm, model, images, previous_sr_path))
+    study = StudyRevision(study_uid, revision, rt.settings.outbox_dir / study_uid, algorithm, model, images,
+                          previous_sr_path)
+    return rt.cpu().call(build_study, study)
 
 
 def _build_not_analysed(

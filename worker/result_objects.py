@@ -1,9 +1,9 @@
 """A job's result objects: one SC per image and the study revision's SR, built and written.
 
-:func:`build_study` takes only picklable values and touches nothing but the outbox, so that the
+:func:`build_study` takes picklable values and touches nothing but the outbox, so that the
 pipeline runs it in a process of :mod:`worker.cpu` (highdicom and pydicom hold the GIL for the
-whole build). UIDs derive from the inputs and the model: the same images and model give the same
-objects, and an object already written (same UID) keeps its bytes.
+whole build). UIDs derive from the inputs and the model: the same
+images and model give the same objects, and an object already written (same UID) keeps its bytes.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Image:
 
 @dataclass(frozen=True)
 class StudyRevision:
-    """What :func:`build_study` needs: the images of one study revision and the model's identity
+    """What the builders need: the images of one study revision and the model's identity
     (``model``: the parts of the UIDs that name it)."""
 
     study_uid: str
@@ -68,28 +68,35 @@ class StudyRevision:
 
 
 def build_study(study: StudyRevision) -> list[Output]:
-    """The SC of each image, then the SR, written to ``study.folder``."""
-    model, algorithm = study.model, study.algorithm
-    outputs = []
-    for image in study.images:
-        sc_uid = derive_uid("sc", image.sop_instance_uid, image.sha256, *model)
-        sc = build_sc(image.result, algorithm,
-                      series_instance_uid=derive_uid("sc-series", study.study_uid, *model),
-                      sop_instance_uid=sc_uid, series_number=SC_SERIES_NUMBER, instance_number=image.number)
-        outputs.append(written(SC_KIND, sc, study.folder / f"{sc_uid}.dcm", source=image.sop_instance_uid))
+    """The SC of each image, then the SR, built and written in turn (one call: in one CPU process
+    they leave the others to the next studies' decoding; built at once, each in its own, they made
+    a backlog at 1 study/s on 2 cores, docs/performance.md)."""
+    return [*(build_sc_object(study, image) for image in study.images), build_sr_object(study)]
+
+
+def build_sc_object(study: StudyRevision, image: Image) -> Output:
+    """The SC of one image, written to ``study.folder``."""
+    sc_uid = derive_uid("sc", image.sop_instance_uid, image.sha256, *study.model)
+    sc = build_sc(image.result, study.algorithm,
+                  series_instance_uid=derive_uid("sc-series", study.study_uid, *study.model),
+                  sop_instance_uid=sc_uid, series_number=SC_SERIES_NUMBER, instance_number=image.number)
+    return written(SC_KIND, sc, study.folder / f"{sc_uid}.dcm", source=image.sop_instance_uid)
+
+
+def build_sr_object(study: StudyRevision) -> Output:
+    """The study revision's SR (superseding ``previous_sr_path``), written to ``study.folder``."""
     input_key = hashlib.sha256(
         "|".join(f"{image.sop_instance_uid}:{image.sha256}" for image in study.images).encode()).hexdigest()
-    sr_uid = derive_uid("sr", study.study_uid, input_key, *model)
+    sr_uid = derive_uid("sr", study.study_uid, input_key, *study.model)
     predecessor = dcmread(study.previous_sr_path) if study.previous_sr_path else None
     if predecessor is not None and str(predecessor.SOPInstanceUID) == sr_uid:
         predecessor = None
     results = [image.result for image in study.images]
-    sr = build_sr(results, algorithm,
-                  series_instance_uid=derive_uid("sr-series", study.study_uid, *model),
+    sr = build_sr(results, study.algorithm,
+                  series_instance_uid=derive_uid("sr-series", study.study_uid, *study.model),
                   sop_instance_uid=sr_uid, series_number=SR_SERIES_NUMBER, instance_number=study.revision,
                   predecessor=predecessor, study_summary=_summary(results))
-    outputs.append(written(SR_KIND, sr, study.folder / f"{sr_uid}.dcm", predecessor=predecessor))
-    return outputs
+    return written(SR_KIND, sr, study.folder / f"{sr_uid}.dcm", predecessor=predecessor)
 
 
 def written(kind: str, dataset: Dataset, path: Path, source: str | None = None,

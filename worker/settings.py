@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     study_quiet_seconds: float = 10.0
     #: a study whose associations all ended with an A-RELEASE is complete this long after its last
     #: instance (worker.completion); negative: that rule is off and the quiet period decides
-    study_settle_seconds: float = 1.0
+    study_settle_seconds: float = 0.5
     study_max_wait_seconds: float = Field(600.0, gt=0)
     prepare_on_arrival: bool = True
     #: A chest X-ray study the gate refuses for a chest-domain reason (view, age, photometric

@@ -122,7 +122,7 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
         assert _sample(lm, "pleura_received_bytes_total") == scalar("SELECT sum(size_bytes) FROM instances") > 0
         assert _sample(lm, "pleura_associations_rejected_total", reason="called_ae") == 1
         assert _sample(lm, "pleura_stage_seconds_count", stage="received_to_queued") == STUDIES
-        # every sender released its association: complete one settle time (1 s) after the last image
+        # every sender released its association: complete one settle time (0.5 s) after the last image
         assert _sample(lm, "pleura_studies_completed_total", rule="association") == STUDIES
         assert _sample(lm, "pleura_studies_completed_total", rule="quiet") == 0
         assert _sample(lm, "pleura_stage_seconds_bucket", stage="received_to_queued", le="1.0") == 0
