@@ -30,6 +30,7 @@ from pydicom import Dataset
 
 from dicom_node.results.content import Code, FindingResult, ImageResult
 from engines import Bundle, FindingSpec, InferenceResult
+from worker.recovery import held_by_the_dead, owner
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -37,8 +38,8 @@ log = structlog.get_logger(__name__)
 #: Age after which an entry is an orphan: the listener's sweeper removes it (see :func:`prune`).
 ORPHAN_SECONDS = 24 * 3600
 #: How long after a marker was made a job still waits for its entry; past it the hint is taken
-#: for dead (a killed worker) or hopelessly late, and the job computes the image itself.
-PREPARING_SECONDS = 10.0
+#: for dead (a killed worker on another host) or hopelessly late, and the job computes the image.
+PREPARING_SECONDS = 5.0
 _POLL_SECONDS = 0.02
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -124,25 +125,29 @@ class PreparedCache:
         marker = self.marker(sha256)
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             yield False
             return
+        with os.fdopen(fd, "w") as fh:  # who holds it: a job does not wait on a dead process's marker
+            fh.write(owner())
         try:
             yield True
         finally:
             marker.unlink(missing_ok=True)
 
     def load_when_ready(self, sha256: str) -> Prepared | None:
-        """:meth:`load`, after waiting for a hint that is computing the entry (while its marker is
-        younger than :data:`PREPARING_SECONDS`)."""
+        """:meth:`load`, after waiting for a hint that is computing the entry: while its marker is
+        younger than :data:`PREPARING_SECONDS` and its holder is not a dead predecessor of this
+        process (worker.recovery: a ``kill -9`` leaves the marker behind)."""
         marker = self.marker(sha256)
         while not self.path(sha256).is_file():
             try:
                 age = time.time() - marker.stat().st_mtime
+                holder = marker.read_text()
             except FileNotFoundError:
                 break  # no hint at work (or it just finished: the entry is read below)
-            if age > PREPARING_SECONDS:
+            if age > PREPARING_SECONDS or held_by_the_dead(holder):
                 break
             time.sleep(_POLL_SECONDS)
         return self.load(sha256)

@@ -72,6 +72,11 @@ def owner() -> str:
     return str(_identity)
 
 
+def held_by_the_dead(holder: str) -> bool:
+    """True when ``holder`` (an :func:`owner` string) is certainly a dead predecessor of this process."""
+    return _identity.is_predecessor(holder)
+
+
 def set_identity(name: str, explicit: bool = False) -> Identity:
     """Name this process (``serve``, ``worker-NAME``) for its leases; call before it claims anything."""
     global _identity

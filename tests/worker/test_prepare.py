@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -237,6 +239,17 @@ def test_a_marker_left_by_a_dead_hint_is_not_waited_for(node: _Node) -> None:
         assert node.cache.load_when_ready(sha256) is None
         assert time.perf_counter() - started < 0.5
     assert node.process()["prepared"] == 0  # the job decoded and inferred it itself
+
+
+def test_a_fresh_marker_of_a_killed_process_is_not_waited_for(node: _Node) -> None:
+    _instance_id, sha256 = node.receive(_chest_cr("dead-holder"))
+    dead = subprocess.Popen(["true"])  # a pid that has just ended
+    dead.wait()
+    with node.cache.preparing(sha256):
+        node.cache.marker(sha256).write_text(f"{socket.gethostname()}:serve:{dead.pid}")  # kill -9 left it
+        started = time.perf_counter()
+        assert node.cache.load_when_ready(sha256) is None
+        assert time.perf_counter() - started < 0.5
 
 
 def test_intake_hints_accepted_instances_without_waiting_for_the_broker(node: _Node) -> None:
