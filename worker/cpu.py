@@ -23,14 +23,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from dicom_node.pixels import decode
 
 T = TypeVar("T")
-#: Imported once by the fork server, which forks every pool process ready to work. With ``spawn``
-#: each process imported the main script (``pleura``: worker.cli, about 840 modules, 2.8 s) and
-#: these itself, and a restarted ``pleura serve`` took 19-21 s instead of 6 to deliver its backlog.
+#: Imported once by the fork server, which forks every pool process ready to work; with ``spawn``
+#: each process imported the main script itself (``pleura``: worker.cli, 838 modules, 2.8 s).
+#: It did not cure the slow restart that keeps the pool off by default (docs/operations.md).
 _PRELOAD = ["__main__", "worker.cpu", "worker.result_objects"]
 
 
@@ -47,8 +47,11 @@ class CpuPool:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def decode(self, path: str) -> np.ndarray:
-        """The image of ``path`` as float32 MONOCHROME2 in [0, 1]; raises what ``decode`` raises."""
+    def decode(self, ds: Dataset, path: str) -> np.ndarray:
+        """The image of ``ds``, read from ``path``, as float32 MONOCHROME2 in [0, 1]; raises what
+        ``decode`` raises. A pool process reads the file itself: only the path crosses over."""
+        if self.processes <= 0:
+            return decode(ds)
         return self.call(decode_file, path)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:

@@ -128,7 +128,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
     cache = PreparedCache.of(rt.settings, engine.bundle)
     t0 = time.perf_counter()
     eligible, reasons = _gate(sources, engine.bundle.intended_use, cache.load_when_ready,
-                              lambda _ds, path: rt.cpu().decode(path))
+                              rt.cpu().decode)
     t1 = time.perf_counter()
     results, embeddings = _infer(rt.batcher(), engine, eligible)
     t2 = time.perf_counter()

@@ -52,10 +52,10 @@ def _prepare(rt: Runtime, instance_id: int) -> None:
     with cache.preparing(sha256) as mine:
         if not mine:
             return  # a duplicated hint: the other one computes it
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path)
         if eligibility.check(ds, engine.bundle.intended_use) is not None:
             return  # the job records the reason
-        pixels = rt.cpu().decode(path)
+        pixels = rt.cpu().decode(ds, path)
         entry = Prepared.from_output(rt.batcher().infer([pixels]), 0, display_image(pixels))
         cache.store(sha256, entry)
     with rt.ledger.session() as s:

@@ -4,8 +4,8 @@
 worker process, as a decoder segfault or the kernel's OOM killer would.
 ``PLEURA_TEST_OOM_SOPS``: inference on a study holding one raises MemoryError.
 Everything else runs unchanged, except that this worker ignores prepare-on-arrival hints (their
-decoding would bypass the marked job's) and decodes in its own process (``PLEURA_CPU_PROCESSES=0``:
-a pool process that dies only fails its call, tests/worker/test_cpu.py).
+decoding would bypass the marked job's) and decodes in its own process (``PLEURA_CPU_PROCESSES=0``,
+the default: a pool process that dies only fails its call, tests/worker/test_cpu.py).
 Run as ``python -m tests.reliability.crashing_worker worker``.
 """
 
@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from pydicom import dcmread
+from pydicom import Dataset
 
 from worker import cli, cpu, pipeline
 
@@ -23,13 +23,13 @@ os.environ["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
 os.environ["PLEURA_CPU_PROCESSES"] = "0"
 _KILL = set(filter(None, os.environ.get("PLEURA_TEST_KILL_SOPS", "").split(",")))
 _OOM = set(filter(None, os.environ.get("PLEURA_TEST_OOM_SOPS", "").split(",")))
-_decode_file, _infer = cpu.decode_file, pipeline._infer
+_decode, _infer = cpu.decode, pipeline._infer
 
 
-def decode_file(path: str):  # type: ignore[no-untyped-def]
-    if str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) in _KILL:
+def decode(ds: Dataset):  # type: ignore[no-untyped-def]
+    if str(ds.SOPInstanceUID) in _KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _decode_file(path)
+    return _decode(ds)
 
 
 def infer(batcher, engine, eligible):  # type: ignore[no-untyped-def]
@@ -38,7 +38,7 @@ def infer(batcher, engine, eligible):  # type: ignore[no-untyped-def]
     return _infer(batcher, engine, eligible)
 
 
-cpu.decode_file, pipeline._infer = decode_file, infer
+cpu.decode, pipeline._infer = decode, infer
 
 if __name__ == "__main__":
     cli.main(sys.argv[1:])

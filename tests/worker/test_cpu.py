@@ -9,6 +9,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from tests.support import REAL_CR
 from worker.cpu import CpuPool, decode_file
@@ -26,16 +27,16 @@ def test_a_pool_process_decodes_as_the_calling_thread_does(pool: CpuPool) -> Non
     if not REAL_CR.exists():
         pytest.skip(f"shared data {REAL_CR} is absent (see ../shared/data/README.md)")
     here = decode_file(str(REAL_CR))
-    there = pool.decode(str(REAL_CR))
+    there = pool.decode(dcmread(REAL_CR), str(REAL_CR))
     assert there.dtype == np.float32 and there.shape == (1955, 1841) and np.array_equal(here, there)
-    assert CpuPool(0).decode(str(REAL_CR)).tobytes() == here.tobytes()
+    assert CpuPool(0).decode(dcmread(REAL_CR), str(REAL_CR)).tobytes() == here.tobytes()
 
 
 def test_undecodable_input_raises_its_error_from_the_pool(pool: CpuPool, tmp_path) -> None:
     bad = tmp_path / "not-dicom.dcm"
     bad.write_bytes(b"not a DICOM file at all")
     with pytest.raises(Exception) as raised:
-        pool.decode(str(bad))
+        pool.call(decode_file, str(bad))
     assert not isinstance(raised.value, BrokenProcessPool)
 
 
