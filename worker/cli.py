@@ -116,6 +116,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     upgrade(settings.effective_database_url)
     set_identity("serve")
     rt = _runtime(settings)
+    rt.cpu().start()  # its processes come up while the model loads; until then calls run in-thread
     work = WorkController(app=celery_app.app, pool_cls="threads", concurrency=settings.worker_concurrency,
                           without_heartbeat=True, without_mingle=True, without_gossip=True,
                           queues=celery_app.QUEUES, loglevel=settings.log_level)
@@ -123,7 +124,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     # the dead predecessor's broker held its queue: its deliveries go out while the model loads
     recover(rt.ledger, rt.publish, requeue_all=True)
     rt.engine()
-    rt.cpu().start()
     sweepers = _start_sweepers(rt)
     scp = _start_listener(rt, sweepers[0])
     http = start_http(settings, rt, "serve")
@@ -185,8 +185,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     set_identity(f"worker-{name}", explicit=args.name is not None)
     rt = _runtime(settings)
     _require_schema(rt)
-    rt.engine()
     rt.cpu().start()
+    rt.engine()
     recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([

@@ -76,9 +76,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     backend: str = "auto"
     worker_concurrency: int = Field(4, ge=1)
-    #: processes that decode images and build SR/SC off the worker's GIL (worker.cpu); 0 (the
-    #: default until a restart's backlog is as fast with them as without): in its threads
-    cpu_processes: int = Field(0, ge=0)
+    #: processes that decode images and build SR/SC off the worker's GIL (worker.cpu); 0: in its
+    #: threads
+    cpu_processes: int = Field(2, ge=0)
     batch_max: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(5.0, ge=0)
     sweep_interval_seconds: float = 2.0

@@ -19,6 +19,7 @@ from worker.cpu import CpuPool, decode_file
 def pool() -> Iterator[CpuPool]:
     p = CpuPool(1)
     p.start()
+    assert p.wait_ready(120), "the pool's first process did not answer"
     yield p
     p.close()
 
@@ -44,3 +45,17 @@ def test_a_process_that_dies_fails_its_call_and_the_next_call_gets_a_new_pool(po
     with pytest.raises(BrokenProcessPool):
         pool.call(os._exit, 9)  # as a decoder crash or the OOM killer would end it
     assert pool.call(abs, -3) == 3
+
+
+def test_calls_run_in_the_calling_thread_until_the_first_pool_is_up_and_wait_for_a_replaced_one() -> None:
+    p = CpuPool(1)
+    try:
+        p.start()  # the fork server imports the worker's modules: far longer than the next line
+        assert p.call(os.getpid) == os.getpid()
+        assert p.wait_ready(120) and p.call(os.getpid) != os.getpid()
+        with pytest.raises(BrokenProcessPool):
+            p.call(os._exit, 9)
+        assert p.call(os.getpid) != os.getpid()  # a new pool, not this process (a retried crash stays out)
+    finally:
+        p.close()
+    assert CpuPool(0).call(os.getpid) == os.getpid() and not CpuPool(0).wait_ready(0)
