@@ -32,7 +32,7 @@ from dicom_node.pixels import decode
 T = TypeVar("T")
 #: Imported once by the fork server, which forks every pool process ready to work; with ``spawn``
 #: each process imported the main script itself (``pleura``: worker.cli, 838 modules, 2.8 s).
-#: It did not cure the slow restart that keeps the pool off by default (docs/operations.md).
+#: Calls run in-thread until the first pool answers (the class docstring), so no start waits on it.
 _PRELOAD = ["__main__", "worker.cpu", "worker.result_objects"]
 
 
