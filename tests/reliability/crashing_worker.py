@@ -4,8 +4,8 @@
 worker process, as a decoder segfault or the kernel's OOM killer would.
 ``PLEURA_TEST_OOM_SOPS``: inference on a study holding one raises MemoryError.
 Everything else runs unchanged, except that this worker ignores prepare-on-arrival hints (their
-decoding would bypass the marked job's) and decodes in its own process (``PLEURA_CPU_PROCESSES=0``,
-the default: a pool process that dies only fails its call, tests/worker/test_cpu.py).
+decoding would bypass the marked job's) and decodes in its own process (``PLEURA_CPU_PROCESSES=0``:
+with the default pool the kill would end a pool process, which fails only its call, tests/worker/test_cpu.py).
 Run as ``python -m tests.reliability.crashing_worker worker``.
 """
 
