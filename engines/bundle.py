@@ -11,7 +11,8 @@ Manifest (``schema_version`` 1; ``engines/bundles/demo/manifest.json`` is a full
   ``pad_value``, or "center_crop"), ``normalization`` (``mean_std`` with mean/std, or ``range`` with low/high);
 - ``architecture``: what :mod:`engines.architectures` builds for the torch backend;
 - ``outputs``: ``embedding_dim``, ``map`` (``size`` [h, w], ``feature_stride``);
-- ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``;
+- ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``, optionally
+  ``triage`` (true: a positive flags the study for the worklist unless the site chooses others);
 - ``files``: ``onnx``, ``golden``, optionally ``torch_state_dict``, ``model_card``...;
 - ``parity``: ``tolerance`` per precision (``fp32`` required; ``fp16`` permits fp16);
 - optionally ``heads``: logistic heads on the embedding (:mod:`engines.heads.serving`), each
@@ -50,6 +51,8 @@ class FindingSpec:
     code_scheme: str
     code_meaning: str
     threshold: float
+    #: the manifest marks it as a triage finding (the default set of what flags a study)
+    triage: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,9 @@ class _Checker:
             threshold = self.get(item, "threshold", (int, float), field)
             if not 0.0 < threshold < 1.0:
                 self.fail(f"{field}threshold", f"must be a probability in (0, 1), got {threshold}")
+            triage = item.get("triage", False)
+            if not isinstance(triage, bool):
+                self.fail(f"{field}triage", f"must be true or false, got {triage!r}")
             specs.append(
                 FindingSpec(
                     name=self.get(item, "name", str, field),
@@ -277,6 +283,7 @@ class _Checker:
                     code_scheme=self.get(code, "scheme", str, f"{field}code."),
                     code_meaning=self.get(code, "meaning", str, f"{field}code."),
                     threshold=float(threshold),
+                    triage=triage,
                 )
             )
         names = [s.name for s in specs]

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Engine, MetaData, Select, Table, and_, or_, select, text
 from sqlalchemy.types import NullType
 
-from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.ledger.models import DeliveryState, JobState, NotificationState, StudyState
 
 _META = MetaData()
 
@@ -41,16 +41,21 @@ FAILURES = _view("v_failures", "at", "kind", "study_id", "study_instance_uid", "
 MODELS = _view("v_models", "bundle_name", "bundle_version", "backend", "jobs", "studies", "first_used_at",
                "last_used_at")
 EVENTS = _view("v_events", "event_id", "at", "kind", "study_id", "study_instance_uid", "job_id", "detail")
-VIEWS = (SOURCES, TIMELINE, DELIVERIES, FAILURES, MODELS, EVENTS)
+NOTIFICATIONS = _view("v_notifications", "notification_id", "study_id", "study_instance_uid", "job_id", "revision",
+                      "protocol", "destination", "state", "triage", "control_id", "attempts", "peer_answer",
+                      "last_error", "bundle_name", "bundle_version", "created_at", "released_at", "last_attempt_at",
+                      "delivered_at", "notify_s", "result_to_notified_s")
+VIEWS = (SOURCES, TIMELINE, DELIVERIES, FAILURES, MODELS, EVENTS, NOTIFICATIONS)
 
 # what ``--since``/``--until`` compare, and the newest-first order, per view
 TIME_COLUMN = {"timeline": TIMELINE.c.last_received_at, "deliveries": DELIVERIES.c.created_at,
-               "failures": FAILURES.c.at}
-TABLES = {"timeline": TIMELINE, "deliveries": DELIVERIES, "failures": FAILURES}
+               "failures": FAILURES.c.at, "notifications": NOTIFICATIONS.c.created_at}
+TABLES = {"timeline": TIMELINE, "deliveries": DELIVERIES, "failures": FAILURES, "notifications": NOTIFICATIONS}
 TIMELINE_STATES = sorted({v for k, v in vars(StudyState).items() if k.isupper()}
                          | {v for k, v in vars(JobState).items() if k.isupper()})
 DELIVERY_STATES = sorted(v for k, v in vars(DeliveryState).items() if k.isupper())
-FAILURE_KINDS = ["association_rejected", "delivery_failed", "instance_refused", "job_failed"]
+NOTIFICATION_STATES = sorted(v for k, v in vars(NotificationState).items() if k.isupper())
+FAILURE_KINDS = ["association_rejected", "delivery_failed", "instance_refused", "job_failed", "notification_failed"]
 
 
 class AuditError(ValueError):
@@ -71,7 +76,7 @@ class Filters:
 
 
 def query(view: str, filters: Filters) -> Select:
-    """Newest first, filtered; ``view`` is ``timeline``, ``deliveries`` or ``failures``."""
+    """Newest first, filtered; ``view`` is ``timeline``, ``deliveries``, ``failures`` or ``notifications``."""
     table, when = TABLES[view], TIME_COLUMN[view]
     stmt = select(table)
     if filters.since:
@@ -86,7 +91,7 @@ def query(view: str, filters: Filters) -> Select:
             stmt = stmt.where(or_(and_(TIMELINE.c.is_current == 1, TIMELINE.c.study_state == filters.state),
                                   TIMELINE.c.job_state == filters.state))
         else:
-            stmt = stmt.where((FAILURES.c.kind if view == "failures" else DELIVERIES.c.state) == filters.state)
+            stmt = stmt.where((FAILURES.c.kind if view == "failures" else table.c.state) == filters.state)
     if filters.model:
         stmt = stmt.where(table.c.bundle_name == filters.model)
     if filters.model_version:
@@ -96,7 +101,8 @@ def query(view: str, filters: Filters) -> Select:
     if filters.current_only and view == "timeline":
         stmt = stmt.where(TIMELINE.c.is_current == 1)
     # ties: a study's revisions newest first; the objects of one result in the order they were made
-    tie = {"timeline": [TIMELINE.c.revision.desc()], "deliveries": [DELIVERIES.c.delivery_id]}.get(view, [])
+    tie = {"timeline": [TIMELINE.c.revision.desc()], "deliveries": [DELIVERIES.c.delivery_id],
+           "notifications": [NOTIFICATIONS.c.notification_id]}.get(view, [])
     order = [when.desc(), *tie]
     return stmt.order_by(*order).limit(filters.limit)
 

@@ -1,4 +1,4 @@
-"""``pleura audit [timeline|deliveries|failures]`` and ``pleura audit role NAME``.
+"""``pleura audit [timeline|deliveries|failures|notifications]`` and ``pleura audit role NAME``.
 
 Reads only the audit views, so it also works logged in as the auditor role. Times are UTC;
 ``--since``/``--until`` take an ISO date or time (naive means UTC) or a duration back from
@@ -54,7 +54,7 @@ def filters(args: argparse.Namespace, now: datetime) -> audit.Filters:
     state = None
     if args.state is not None:
         allowed = {"timeline": audit.TIMELINE_STATES, "deliveries": audit.DELIVERY_STATES,
-                   "failures": audit.FAILURE_KINDS}[args.view]
+                   "failures": audit.FAILURE_KINDS, "notifications": audit.NOTIFICATION_STATES}[args.view]
         state = args.state.lower() if args.view == "failures" else args.state.upper()
         if state not in allowed:
             option = "--kind" if args.view == "failures" else "--state"
@@ -129,6 +129,19 @@ _COLUMNS: dict[str, list[tuple[str, Any, bool]]] = {
         ("TRIES", lambda r: str(r["attempts"]) if r["attempts"] is not None else "-", True),
         ("STATUS", lambda r: r["status"] or "-", False),
         ("REASON", lambda r: _clip(r["reason"], 80), False),
+    ],
+    "notifications": [
+        ("CREATED (UTC)", lambda r: _short_time(r["created_at"]), False),
+        ("STUDY INSTANCE UID", lambda r: r["study_instance_uid"], False),
+        ("REV", lambda r: str(r["revision"]), True),
+        ("TO", lambda r: f"{r['protocol']} {r['destination']}", False),
+        ("TRIAGE", lambda r: "FLAG" if r["triage"] else "-", False),
+        ("STATE", lambda r: r["state"], False),
+        ("TRIES", lambda r: str(r["attempts"]), True),
+        ("ANSWER", lambda r: r["peer_answer"] or "-", False),
+        ("CONTROL ID", lambda r: r["control_id"], False),
+        ("AFTER SR", lambda r: audit.human_seconds(r["notify_s"]), True),
+        ("LAST ERROR", lambda r: _clip(r["last_error"]), False),
     ],
 }
 
@@ -205,14 +218,17 @@ def cmd_role(settings: Settings, args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``audit`` to the ``pleura`` parser; bare ``pleura audit`` is ``pleura audit timeline``."""
-    p = sub.add_parser("audit", help="audit views: timeline, deliveries, failures (table, CSV, JSON); role")
+    p = sub.add_parser("audit", help="audit views: timeline, deliveries, failures, notifications (table, CSV, "
+                       "JSON); role")
     p.set_defaults(func=cmd_audit, view="timeline", since=None, until=None, calling_ae=None, state=None,
                    model=None, limit=50, format="table")
-    views = p.add_subparsers(dest="view", metavar="{timeline,deliveries,failures,role}")
+    views = p.add_subparsers(dest="view", metavar="{timeline,deliveries,failures,notifications,role}")
     views.default = "timeline"  # bare `pleura audit`
     for view, text in (("timeline", "each study revision: arrivals, queue, processing, delivery, durations"),
                        ("deliveries", "each output object sent to each destination"),
-                       ("failures", "quarantined jobs, failed deliveries, refused instances, rejected associations")):
+                       ("failures", "quarantined jobs, failed deliveries and notifications, refused instances, "
+                        "rejected associations"),
+                       ("notifications", "each analysed result told to each RIS (HL7 v2, FHIR)")):
         v = views.add_parser(view, help=text)
         v.add_argument("--since", help="ISO date/time (UTC unless given) or a duration back from now: 24h, 7d")
         v.add_argument("--until", help="same forms as --since (exclusive)")
@@ -220,8 +236,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if view == "failures":
             v.add_argument("--kind", dest="state", help=", ".join(audit.FAILURE_KINDS))
         else:
-            v.add_argument("--state", help=", ".join(audit.TIMELINE_STATES if view == "timeline"
-                                                     else audit.DELIVERY_STATES))
+            v.add_argument("--state", help=", ".join({"timeline": audit.TIMELINE_STATES,
+                                                      "deliveries": audit.DELIVERY_STATES}.get(
+                                                          view, audit.NOTIFICATION_STATES)))
         v.add_argument("--model", help="bundle NAME or NAME:VERSION")
         v.add_argument("--limit", type=int, default=50, help="newest N rows (default 50)")
         v.add_argument("--format", choices=["table", "csv", "json"], default="table")

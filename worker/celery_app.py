@@ -7,18 +7,20 @@ from celery import Celery, signals
 
 from worker import delivery, pipeline, prepare, runtime
 from worker.logging import log_context
+from worker.notify import send
 from worker.settings import Settings
-from worker.sweeper import DELIVER_TASK, PREPARE_TASK, PROCESS_TASK
+from worker.sweeper import DELIVER_TASK, NOTIFY_TASK, PREPARE_TASK, PROCESS_TASK
 
 log = structlog.get_logger(__name__)
 
 QUEUE = "pleura"
-#: Deliveries have their own queue so that results never wait behind a backlog of inference.
+#: Deliveries (and RIS notifications) have their own queue so that results never wait behind a
+#: backlog of inference.
 DELIVERY_QUEUE = "pleura-delivery"
 #: Decode + inference of each image on arrival (hints): a backlog of them never sits in front of a job.
 PREPARE_QUEUE = "pleura-prepare"
 QUEUES = [QUEUE, DELIVERY_QUEUE, PREPARE_QUEUE]
-_ROUTES = {DELIVER_TASK: DELIVERY_QUEUE, PREPARE_TASK: PREPARE_QUEUE}
+_ROUTES = {DELIVER_TASK: DELIVERY_QUEUE, NOTIFY_TASK: DELIVERY_QUEUE, PREPARE_TASK: PREPARE_QUEUE}
 
 app = Celery("pleura")
 app.conf.update(
@@ -53,6 +55,12 @@ def process_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
 def deliver(self, delivery_id: int) -> None:  # type: ignore[no-untyped-def]
     with log_context(task_id=self.request.id):
         delivery.deliver(runtime.current(), delivery_id)
+
+
+@app.task(name=NOTIFY_TASK, bind=True)
+def notify(self, notification_id: int) -> None:  # type: ignore[no-untyped-def]
+    with log_context(task_id=self.request.id):
+        send.notify(runtime.current(), notification_id)
 
 
 # Acknowledged on receipt: a hint whose image kills the worker is not redelivered to kill the next one.

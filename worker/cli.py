@@ -9,12 +9,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from worker import audit_cli, heads_cli
 from worker.observability.endpoints import start_http
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from engines import Bundle
 
 log = structlog.get_logger("pleura")
 
@@ -104,6 +108,19 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def _check_notify(settings: Settings, bundle: Bundle) -> None:
+    """Exit with the reason when the RIS notification settings cannot work with this model."""
+    from worker.notify.result import check_triage
+
+    try:
+        check_triage(settings.triage_findings, bundle)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    token = settings.notify_fhir_token_file
+    if token is not None and not token.is_file():
+        sys.exit(f"error: PLEURA_NOTIFY_FHIR_TOKEN_FILE={token} is not a readable file")
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     """Everything in one process: SQLite, in-process Celery worker, listener, sweeper."""
     from celery.worker import WorkController
@@ -123,7 +140,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     # the dead predecessor's broker held its queue: its deliveries go out while the model loads
     recover(rt.ledger, rt.publish, requeue_all=True)
-    rt.engine()
+    _check_notify(settings, rt.engine().bundle)
     sweepers = _start_sweepers(rt)
     scp = _start_listener(rt, sweepers[0])
     http = start_http(settings, rt, "serve")
@@ -186,7 +203,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     _require_schema(rt)
     rt.cpu().start()
-    rt.engine()
+    _check_notify(settings, rt.engine().bundle)
     recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import structlog
 from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from dicom_node.scu import send_files
 from dicom_node.tls import client_context
@@ -24,10 +25,13 @@ from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState
 from worker.logging import log_context
+from worker.notify import release
 from worker.observability.metrics import DELIVERY_ATTEMPTS, DELIVERY_FAILURES, observe_stage
 from worker.recovery import owner
+from worker.result_objects import SR_KIND
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
+from worker.sweeper import NOTIFY_TASK
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +43,8 @@ class _Outcome(NamedTuple):
     outcome: str
     seconds: float | None = None
     reason: str | None = None
+    #: notifications this outcome released (worker.notify.release), to publish
+    released: tuple[int, ...] = ()
 
 
 def deliver(rt: Runtime, delivery_id: int) -> None:
@@ -95,6 +101,8 @@ def _deliver(rt: Runtime, delivery_id: int) -> None:
         observe_stage("results_to_delivered", done.seconds)
     if done.reason is not None:
         DELIVERY_FAILURES.labels(done.reason).inc()
+    for notification_id in done.released:
+        rt.publish(NOTIFY_TASK, notification_id)
 
 
 def _retrying(write: Callable[[], _Outcome], seconds: float) -> _Outcome:
@@ -122,7 +130,8 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
             delivery.state, delivery.delivered_at, delivery.last_error = DeliveryState.DELIVERED, utcnow(), None
             record(s, "delivered", study_id=study_id, delivery_id=delivery_id,
                    destination=delivery.destination, peer_status=status)
-            return _Outcome("delivered", (delivery.delivered_at - as_utc(delivery.output.created_at)).total_seconds())
+            return _Outcome("delivered", (delivery.delivered_at - as_utc(delivery.output.created_at)).total_seconds(),
+                            released=_release(s, delivery))
         delivery.last_error = error
         deadline = as_utc(delivery.output.created_at) + timedelta(seconds=settings.delivery_horizon_seconds)
         now = utcnow()
@@ -132,7 +141,8 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
                    destination=delivery.destination, attempts=delivery.attempts, error=error,
                    reason="peer refused permanently" if permanent else "delivery horizon passed")
             log.error("delivery failed for good", delivery_id=delivery_id, error=error)
-            return _Outcome("failed", reason="peer_refused" if permanent else "horizon_passed")
+            return _Outcome("failed", reason="peer_refused" if permanent else "horizon_passed",
+                            released=_release(s, delivery))
         backoff = backoff_seconds(settings, delivery.attempts)
         delivery.state, delivery.published_at = DeliveryState.PENDING, None
         delivery.next_attempt_at = min(now + timedelta(seconds=backoff), deadline)  # a last try at the horizon
@@ -141,6 +151,13 @@ def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: st
                retry_in_seconds=backoff)
         log.warning("delivery will be retried", delivery_id=delivery_id, retry_in_s=backoff, error=error)
         return _Outcome("retry")
+
+
+def _release(s: Session, delivery: Delivery) -> tuple[int, ...]:
+    """The result's notifications that this SR delivery's end lets leave."""
+    if delivery.output.kind != SR_KIND:
+        return ()
+    return tuple(release.after_sr_delivery(s, delivery, utcnow()))
 
 
 def backoff_seconds(settings: Settings, attempts: int) -> float:

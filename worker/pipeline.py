@@ -44,6 +44,7 @@ from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.logging import log_context
+from worker.notify import release
 from worker.observability.metrics import observe_stage
 from worker.prepared import Prepared, PreparedCache
 from worker.result_objects import (
@@ -57,7 +58,7 @@ from worker.result_objects import (
     written,
 )
 from worker.runtime import Runtime
-from worker.sweeper import DELIVER_TASK
+from worker.sweeper import DELIVER_TASK, NOTIFY_TASK
 from worker.version import __version__
 
 log = structlog.get_logger(__name__)
@@ -86,12 +87,13 @@ def run_job(rt: Runtime, job_id: int) -> None:
     """
     with log_context(job_id=job_id):
         with ISOLATION.hold(exclusive=previous_attempt_died(rt.ledger, job_id)):
-            deliveries = _claim_and_process(rt, job_id)
-        for delivery_id in deliveries:
-            rt.publish(DELIVER_TASK, delivery_id)
+            messages = _claim_and_process(rt, job_id)
+        for task, row_id in messages:
+            rt.publish(task, row_id)
 
 
-def _claim_and_process(rt: Runtime, job_id: int) -> list[int]:
+def _claim_and_process(rt: Runtime, job_id: int) -> list[tuple[str, int]]:
+    """The messages to publish once the job's results are committed: deliveries, notifications."""
     attempt_id = claim(rt.ledger, job_id, rt.settings.lease_seconds, rt.settings.max_attempts)
     if attempt_id is None:
         log.info("job not claimed (done, superseded, quarantined or leased elsewhere)", job_id=job_id)
@@ -110,7 +112,7 @@ def _claim_and_process(rt: Runtime, job_id: int) -> list[int]:
     return []
 
 
-def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
+def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[tuple[str, int]]:
     engine = rt.engine()
     with rt.ledger.session() as s:
         job = s.get(Job, job_id)
@@ -161,6 +163,8 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
             bundle_version=engine.bundle.version, now=now,
             vectors=[(source.instance_id, vector) for (source, _, _), vector in zip(eligible, embeddings, strict=True)])
         delivery_ids = _record_outputs(s, rt, job_id, outputs, now)
+        sr = s.scalars(select(OutputObject).where(OutputObject.job_id == job_id, OutputObject.kind == SR_KIND)).first()
+        notification_ids = release.create(s, rt.settings, engine.bundle, job_id, sr, now) if sr else []
         job.state, job.finished_at, job.error = JobState.SUCCEEDED, now, None
         job.bundle_name, job.bundle_version = engine.bundle.name, engine.bundle.version
         job.backend = engine.backend
@@ -178,7 +182,7 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[int]:
     cache.discard(source.sha256 for source in sources)  # the spool keeps the sources
     observe_stage("processing_to_results", processing_seconds)
     log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
-    return delivery_ids
+    return [(DELIVER_TASK, i) for i in delivery_ids] + [(NOTIFY_TASK, i) for i in notification_ids]
 
 
 #: An eligible source, its dataset and either its decoded pixels or its prepared entry (then the

@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker.notify.destinations import Hl7Peer, fhir_base
+
 #: Secret files are read from here when ``PLEURA_SECRETS_DIR`` is unset and the folder exists
 #: (Docker and Compose mount secrets there).
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
@@ -88,6 +90,16 @@ class Settings(BaseSettings):
     delivery_backoff_seconds: float = 2.0
     delivery_backoff_max_seconds: float = Field(300.0, gt=0)
     delivery_horizon_seconds: float = Field(86400.0, gt=0)
+    #: RIS peers that get an HL7 v2.5.1 ORU^R01 per analysed result over MLLP: host:port[+tls], comma-separated
+    notify_hl7: Annotated[list[Hl7Peer], NoDecode] = Field(default_factory=list)
+    #: FHIR R4 servers (base URLs, comma-separated) that get a transaction Bundle per analysed result
+    notify_fhir: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: a file holding the bearer token sent to the FHIR servers (read at every send: it may be rotated)
+    notify_fhir_token_file: Path | None = None
+    #: seconds to connect, send and get the peer's answer (an MLLP ACK, an HTTP response)
+    notify_timeout_seconds: float = Field(10.0, gt=0)
+    #: findings that flag a study for the worklist when positive; unset: those the bundle's manifest marks
+    triage_findings: Annotated[list[str] | None, NoDecode] = None
     min_free_disk_mb: int = 500
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1)
@@ -112,6 +124,21 @@ class Settings(BaseSettings):
             return []
         items = value.split(",") if isinstance(value, str) else value
         return [i if isinstance(i, Destination) else Destination.parse(i) for i in items if i]
+
+    @field_validator("notify_hl7", mode="before")
+    @classmethod
+    def _parse_notify_hl7(cls, value: Any) -> list[Hl7Peer]:
+        return [i if isinstance(i, Hl7Peer) else Hl7Peer.parse(i) for i in _items(value)]
+
+    @field_validator("notify_fhir", mode="before")
+    @classmethod
+    def _parse_notify_fhir(cls, value: Any) -> list[str]:
+        return [fhir_base(i) for i in _items(value)]
+
+    @field_validator("triage_findings", mode="before")
+    @classmethod
+    def _parse_triage(cls, value: Any) -> list[str] | None:
+        return None if value is None else [i.strip() for i in _items(value)]
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
@@ -190,3 +217,11 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         toml_file = config
 
     return _FromFile(**overrides)
+
+
+def _items(value: Any) -> list[Any]:
+    """A comma-separated string's non-blank items, or a list's items."""
+    if value is None or value == "":
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [i for i in items if not isinstance(i, str) or i.strip()]

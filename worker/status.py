@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.audit import human_seconds
-from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Study
+from worker.ledger import Association, Delivery, Finding, Instance, Job, Notification, OutputObject, Study
 from worker.ledger.db import Ledger, as_utc
-from worker.ledger.models import DeliveryState
+from worker.ledger.models import DeliveryState, NotificationState
 
 
 def recent_studies(ledger: Ledger, limit: int = 20) -> list[dict[str, Any]]:
@@ -49,6 +49,7 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
         "failed_deliveries": [],
         "delivered_at": None,
         "seconds_to_result": None,
+        "notifications": [],
     }
     if job is None:
         return info
@@ -71,6 +72,11 @@ def _describe(s: Session, study: Study) -> dict[str, Any]:
     if delivered and all(d.delivered_at for d in deliveries):
         info["delivered_at"] = max(delivered).isoformat()
         info["seconds_to_result"] = round((max(delivered) - as_utc(study.last_received_at)).total_seconds(), 1)
+    info["notifications"] = [
+        {"protocol": n.protocol, "destination": n.destination, "state": n.state, "triage": n.triage,
+         "attempts": n.attempts, "peer_answer": n.peer_answer, "error": n.last_error}
+        for n in s.scalars(select(Notification).where(Notification.job_id == job.id).order_by(Notification.id))
+    ]
     return info
 
 
@@ -81,7 +87,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "no studies received yet"
 
     headers = ["STUDY INSTANCE UID", "STATE", "REV", "IMG", "FROM", "COMPLETED BY", "MODEL", "POSITIVE", "SENT",
-               "TIME TO RESULT"]
+               "TIME TO RESULT", "RIS"]
     table = []
     for r in rows:
         sent = r["deliveries"].get(DeliveryState.DELIVERED, 0)
@@ -89,7 +95,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                        ",".join(r["calling_ae"]) or "-", (r["job"] or {}).get("completed_by") or "-",
                        (r["job"] or {}).get("model") or "-",
                        ", ".join(r["positive_findings"]) or "none", f"{sent}/{sum(r['deliveries'].values())}",
-                       human_seconds(r["seconds_to_result"])], _details(r)))
+                       human_seconds(r["seconds_to_result"]), _ris(r["notifications"])], _details(r)))
     widths = [max(len(h), *(len(cells[i]) for cells, _ in table)) for i, h in enumerate(headers)]
     right = {2, 3, 8, 9}
 
@@ -103,6 +109,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ris(notifications: list[dict[str, Any]]) -> str:
+    """Notifications told / made, and ``flagged`` when the result flags the worklist."""
+    if not notifications:
+        return "-"
+    told = sum(n["state"] == NotificationState.DELIVERED for n in notifications)
+    return f"{told}/{len(notifications)}" + (" flagged" if notifications[0]["triage"] else "")
+
+
 def _details(r: dict[str, Any]) -> list[str]:
     job = r["job"] or {}
     lines = [f"error: {job['error']}"] if job.get("error") else []
@@ -113,5 +127,10 @@ def _details(r: dict[str, Any]) -> list[str]:
     for d in r["failed_deliveries"]:
         lines.append(f"delivery of {d['object']} to {d['destination']} FAILED after {d['attempts']} "
                      f"attempts: {d['error']}")
+    for n in r["notifications"]:
+        if n["state"] != NotificationState.DELIVERED:
+            lines.append(f"notification to {n['protocol']} {n['destination']} {n['state']} after {n['attempts']} "
+                         f"attempts" + (f": {n['peer_answer'] or ''} {n['error'] or ''}".rstrip() if n["attempts"]
+                                        else ""))
     lines += [f"skipped {sop}: {reason}" for sop, reason in r["ineligible"].items()]
     return lines

@@ -20,10 +20,10 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, select, update
 
 from worker.completion import Completion
-from worker.ledger import Delivery, Job, Study
+from worker.ledger import Delivery, Job, Notification, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
-from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.ledger.models import DeliveryState, JobState, NotificationState, StudyState
 from worker.observability.metrics import STUDIES_COMPLETED, observe_stage
 
 log = structlog.get_logger(__name__)
@@ -33,6 +33,7 @@ Publish = Callable[[str, int], bool]
 
 PROCESS_TASK = "pleura.process_job"
 DELIVER_TASK = "pleura.deliver"
+NOTIFY_TASK = "pleura.notify"
 #: A hint, published by the listener for each accepted instance: decode and infer it now (worker.prepare).
 PREPARE_TASK = "pleura.prepare"
 
@@ -42,12 +43,13 @@ class SweepReport:
     queued: list[int] = field(default_factory=list)
     republished_jobs: list[int] = field(default_factory=list)
     published_deliveries: list[int] = field(default_factory=list)
+    published_notifications: list[int] = field(default_factory=list)
 
 
 def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish,
           settle_seconds: float | None = None, max_wait_seconds: float | None = None) -> SweepReport:
-    """Queue complete studies (:mod:`worker.completion`), re-publish lost work and due deliveries;
-    publish after commit.
+    """Queue complete studies (:mod:`worker.completion`), re-publish lost work, due deliveries and
+    notifications; publish after commit.
 
     A message is re-sent when its row was never published (or the publish failed), when the
     lease of the worker that took it expired since, or, as a backstop against a broker that
@@ -91,13 +93,31 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
         for delivery in deliveries:
             delivery.published_at = now
             report.published_deliveries.append(delivery.id)
+        notifications = s.scalars(
+            select(Notification).where(
+                or_(
+                    and_(Notification.state == NotificationState.PENDING, Notification.next_attempt_at <= now,
+                         or_(Notification.published_at.is_(None), Notification.published_at < stale)),
+                    and_(Notification.state == NotificationState.SENDING, Notification.lease_expires_at < now,
+                         or_(Notification.published_at.is_(None),
+                             Notification.published_at < Notification.lease_expires_at,
+                             Notification.published_at < stale)),
+                ),
+            ).with_for_update(skip_locked=True)
+        ).all()
+        for notification in notifications:
+            notification.published_at = now
+            report.published_notifications.append(notification.id)
 
     unsent_jobs = [i for i in report.queued + report.republished_jobs if not publish(PROCESS_TASK, i)]
     unsent_deliveries = [i for i in report.published_deliveries if not publish(DELIVER_TASK, i)]
-    if unsent_jobs or unsent_deliveries:  # the next sweep tries them again
+    unsent_notifications = [i for i in report.published_notifications if not publish(NOTIFY_TASK, i)]
+    if unsent_jobs or unsent_deliveries or unsent_notifications:  # the next sweep tries them again
         with ledger.session() as s:
             s.execute(update(Job).where(Job.id.in_(unsent_jobs)).values(published_at=None))
             s.execute(update(Delivery).where(Delivery.id.in_(unsent_deliveries)).values(published_at=None))
+            s.execute(update(Notification).where(Notification.id.in_(unsent_notifications))
+                      .values(published_at=None))
     if report.queued or report.republished_jobs:
         log.info("sweep", queued=report.queued, republished=report.republished_jobs)
     return report

@@ -241,6 +241,7 @@ def manifest(
                 "name": name,
                 "code": {"value": code, "scheme": "SCT", "meaning": meaning},
                 "threshold": float(thresholds[name]),
+                **({"triage": True} if name == "Effusion" else {}),  # flags the worklist (worker.notify)
                 "threshold_rule": "Youden's J on the held-out split",
                 "label_source": "NIH ChestX-ray14 label " + (repr(name) if positives else "other than 'No Finding'"),
             }

@@ -201,14 +201,14 @@ def test_views_and_pleura_audit(db_url: str, monkeypatch: pytest.MonkeyPatch,
     main(["status"])
     status = capsys.readouterr().out.splitlines()
     assert status[0].split() == ["STUDY", "INSTANCE", "UID", "STATE", "REV", "IMG", "FROM", "COMPLETED", "BY",
-                                 "MODEL", "POSITIVE", "SENT", "TIME", "TO", "RESULT"]
+                                 "MODEL", "POSITIVE", "SENT", "TIME", "TO", "RESULT", "RIS"]
     assert [line.split()[5] for line in status if line.startswith(A) or line.startswith(B)] == ["quiet", "association"]
     assert [line.split()[:2] for line in status if not line.startswith(" ")][1:] == [
         [C, "RECEIVING"], [B, "FAILED"], [A, "DONE"]]
     assert status[2:4] == ["    deliveries: FAILED 1", "    delivery of SR to ARCHIVE@10.0.0.9:104 FAILED after 5 "
                            "attempts: peer answered status 0xA700"]
     assert status[5] == "    error: worker died 3 times (lease expired)"
-    assert status[6].endswith("2/2          10.0 s") and len(status[6]) == len(status[0])
+    assert status[6].endswith("2/2          10.0 s  -") and len(status[6]) == len(status[0]) - 2  # no RIS configured
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -237,6 +237,55 @@ class Delivery(Base):
     output: Mapped[OutputObject] = relationship(back_populates="deliveries")
 
 
+class NotificationState:
+    """``WAITING`` until the result's SR is delivered (or every SR delivery ended), then as a delivery."""
+
+    WAITING = "WAITING"
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+class Notification(Base):
+    """One analysed result (a job) told to one RIS destination: an HL7 v2 ORU over MLLP or a FHIR
+    transaction Bundle (worker.notify), with retries, the peer's answer and the final state.
+
+    ``control_id`` is the message's identity (MSH-10, the Bundle's identifier): the same on every
+    resend of this result, so a resend is recognisably the same message.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    #: the result's SR: its delivery releases the notification, its header gives patient and study
+    sr_output_id: Mapped[int] = mapped_column(ForeignKey("output_objects.id"))
+    protocol: Mapped[str] = mapped_column(String(8))
+    destination: Mapped[str] = mapped_column(String(300))
+    control_id: Mapped[str] = mapped_column(String(20))
+    #: a triage finding (PLEURA_TRIAGE_FINDINGS) is positive: the study is flagged
+    triage: Mapped[bool]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the acknowledgment code (AA, AE, AR) or HTTP status the peer answered, as text
+    peer_answer: Mapped[str | None] = mapped_column(String(16))
+    #: the peer's own text (MSA-3/ERR, the OperationOutcome) or what went wrong on the way
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    job: Mapped[Job] = relationship()
+    sr_output: Mapped[OutputObject] = relationship()
+
+
 class Event(Base):
     """Append-only trail of everything that happened; never updated or deleted."""
 

@@ -17,8 +17,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.ledger import Delivery, Job, Study
-from worker.ledger.models import DeliveryState, JobState, StudyState
+from worker.ledger import Delivery, Job, Notification, Study
+from worker.ledger.models import DeliveryState, JobState, NotificationState, StudyState
 
 #: The stages of a study, each timed from the ledger's own timestamps.
 STAGES = ("received_to_queued", "queued_to_processing", "processing_to_results", "results_to_delivered")
@@ -43,6 +43,12 @@ BATCH_SECONDS = Histogram("pleura_inference_batch_seconds", "Time of one engine 
 DELIVERY_ATTEMPTS = Counter("pleura_delivery_attempts", "C-STORE tries of results: delivered, retry "
                             "(will be tried again) or failed (the delivery ended FAILED)", ["outcome"])
 DELIVERY_FAILURES = Counter("pleura_delivery_failures", "Deliveries that ended FAILED, by reason", ["reason"])
+NOTIFICATION_ATTEMPTS = Counter("pleura_notification_attempts", "Tries of RIS notifications (HL7, FHIR): delivered, "
+                                "retry (will be tried again) or failed (ended FAILED)", ["protocol", "outcome"])
+NOTIFICATION_FAILURES = Counter("pleura_notification_failures", "Notifications that ended FAILED, by reason: "
+                                "peer_refused (HL7 AR, an HTTP 4xx), horizon_passed", ["protocol", "reason"])
+NOTIFICATION_SECONDS = Histogram("pleura_notification_seconds", "From a notification's release (its SR delivered) "
+                                 "to the peer's acceptance", ["protocol"], buckets=STAGE_BUCKETS)
 
 for _rule in ("association", "quiet", "max_wait"):
     STUDIES_COMPLETED.labels(_rule)
@@ -52,6 +58,12 @@ for _outcome in ("delivered", "retry", "failed"):
     DELIVERY_ATTEMPTS.labels(_outcome)
 for _reason in ("peer_refused", "horizon_passed"):
     DELIVERY_FAILURES.labels(_reason)
+for _protocol in ("HL7", "FHIR"):
+    NOTIFICATION_SECONDS.labels(_protocol)
+    for _outcome in ("delivered", "retry", "failed"):
+        NOTIFICATION_ATTEMPTS.labels(_protocol, _outcome)
+    for _reason in ("peer_refused", "horizon_passed"):
+        NOTIFICATION_FAILURES.labels(_protocol, _reason)
 
 
 def observe_stage(stage: str, seconds: float) -> None:
@@ -86,6 +98,11 @@ class LedgerCollector(Collector):
                     select(Delivery.state, func.count())
                     .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]))
                     .group_by(Delivery.state)).all())
+                notifications = dict(conn.execute(
+                    select(Notification.state, func.count())
+                    .where(Notification.state.in_([NotificationState.WAITING, NotificationState.PENDING,
+                                                   NotificationState.SENDING]))
+                    .group_by(Notification.state)).all())
         except SQLAlchemyError:
             up.add_metric([], 0)
             yield up
@@ -99,6 +116,9 @@ class LedgerCollector(Collector):
                         "(RUNNING)", jobs, (JobState.QUEUED, JobState.RUNNING))
         yield _by_state("pleura_deliveries", "Deliveries waiting (PENDING, retries included) or being sent "
                         "(SENDING)", deliveries, (DeliveryState.PENDING, DeliveryState.SENDING))
+        yield _by_state("pleura_notifications", "RIS notifications waiting for their SR's delivery (WAITING), "
+                        "to be sent (PENDING, retries included) or being sent (SENDING)", notifications,
+                        (NotificationState.WAITING, NotificationState.PENDING, NotificationState.SENDING))
 
 
 def _by_state(name: str, documentation: str, counts: dict[str, int], states: tuple[str, ...]) -> GaugeMetricFamily:
