@@ -71,7 +71,7 @@ class MllpPeer:
                     writer.close()
                     return
                 if self.mode == "ar":
-                    ack = str(message.create_ack("AR")) + f"|{self.text}"
+                    ack = str(message.create_ack("AR")).rstrip("\r") + f"|{self.text}\r"  # MSA-3
                     writer.writeblock(ack.encode())
                 else:
                     writer.writemessage(message.create_ack("AA"))
