@@ -283,7 +283,6 @@ class Notification(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship()
-    sr_output: Mapped[OutputObject] = relationship()
 
 
 class Event(Base):
