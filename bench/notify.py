@@ -91,7 +91,10 @@ def run_mode(mode: str, args: argparse.Namespace, pool: list, tmp: Path) -> dict
             "oru_after_sr_at_storescp": _pct(after_sr),
             "ledger_release_to_accepted": {p: _pct(v) for p, v in ledger.items()},
             "after_sr_s": sorted(round(v, 3) for v in after_sr),
-            "example_oru": peer.received[-1].text if peer.received else None}
+            "example_oru": next((r.text for r in peer.received if "|AA|" in r.text),
+                                peer.received[-1].text if peer.received else None),
+            "example_fhir": next((body for *_, body in fhir.posts if '"code":"AA"' in json.dumps(body,
+                                  separators=(",", ":"))), fhir.posts[-1][3] if fhir.posts else None)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -4,8 +4,10 @@ client against peers that answer badly."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import hl7
 import pytest
@@ -145,3 +147,15 @@ def test_mllp_client_ends_cleanly_on_a_bad_answer(reply: bytes, hold: float, mes
         assert time.monotonic() - start < 2.0, "a bad peer must not hold the sender past its timeout"
     finally:
         peer.stop()
+
+
+def test_the_documented_examples_are_valid() -> None:
+    """docs/hl7.md's ORU and docs/examples/fhir-bundle.json came from a bench run: they must stay valid."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "hl7.md").read_text()
+    example = text.split("```\nMSH|", 1)[1].split("```", 1)[0]
+    message = _strict(("MSH|" + example).strip().replace("\n", "\r"))
+    assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    assert "|AA|" in example  # the flagged example the text says it is
+    bundle = FhirBundle.parse_obj(json.loads((docs / "examples" / "fhir-bundle.json").read_text()))
+    assert bundle.entry[-1].resource.status == "preliminary"
