@@ -17,7 +17,9 @@ from hl7apy.exceptions import HL7apyException as HL7apyError
 from hl7apy.parser import parse_message
 from pydantic.v1 import ValidationError
 
-from tests.ris import RawPeer
+from dicom_node.tls import client_context, server_context
+from tests.ris import MllpPeer, RawPeer
+from tests.security.pki import authority
 from worker.notify import fhir, mllp
 from worker.notify.hl7 import AckError, escape, oru, parse_ack
 from worker.notify.result import FindingOutcome, Patient, Procedure, StudyResult, control_id, report_id
@@ -159,3 +161,20 @@ def test_the_documented_examples_are_valid() -> None:
     assert "|AA|" in example  # the flagged example the text says it is
     bundle = FhirBundle.parse_obj(json.loads((docs / "examples" / "fhir-bundle.json").read_text()))
     assert bundle.entry[-1].resource.status == "preliminary"
+
+
+def test_mllp_over_mutual_tls_with_the_dicom_tls_settings(tmp_path: Path) -> None:
+    """``host:port+tls`` uses the DICOM TLS files: the peer checks our certificate, we check its."""
+    trusted = authority(tmp_path, "trusted")
+    peer = MllpPeer(tls=server_context(trusted.server.cert, trusted.server.key, trusted.ca.cert,
+                                       require_peer_cert=True)).start()
+    message = oru(_result(), "PLEURA")
+    try:
+        ours = client_context(trusted.ca.cert, trusted.client.cert, trusted.client.key)
+        ack = parse_ack(mllp.exchange("127.0.0.1", peer.port, message, 5.0, ours), _result().control_id)
+        assert ack.code == "AA" and len(peer.received) == 1
+        with pytest.raises(OSError):  # no client certificate: the peer ends the handshake
+            mllp.exchange("127.0.0.1", peer.port, message, 5.0, client_context(trusted.ca.cert))
+        assert len(peer.received) == 1
+    finally:
+        peer.stop()
