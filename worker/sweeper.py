@@ -15,15 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from worker.completion import Completion
 from worker.ledger import Delivery, Job, Notification, Study
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
-from worker.ledger.models import DeliveryState, JobState, NotificationState, StudyState
+from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.observability.metrics import STUDIES_COMPLETED, observe_stage
 
 log = structlog.get_logger(__name__)
@@ -78,34 +80,10 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
             job.published_at = now
             record(s, "job_republished", study_id=job.study_id, job_id=job.id, state=job.state)
             report.republished_jobs.append(job.id)
-        deliveries = s.scalars(
-            select(Delivery).where(
-                or_(
-                    and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
-                         or_(Delivery.published_at.is_(None), Delivery.published_at < stale)),
-                    and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now,
-                         or_(Delivery.published_at.is_(None),
-                             Delivery.published_at < Delivery.lease_expires_at,
-                             Delivery.published_at < stale)),
-                ),
-            ).with_for_update(skip_locked=True)
-        ).all()
-        for delivery in deliveries:
+        for delivery in _due(s, Delivery, now, stale):
             delivery.published_at = now
             report.published_deliveries.append(delivery.id)
-        notifications = s.scalars(
-            select(Notification).where(
-                or_(
-                    and_(Notification.state == NotificationState.PENDING, Notification.next_attempt_at <= now,
-                         or_(Notification.published_at.is_(None), Notification.published_at < stale)),
-                    and_(Notification.state == NotificationState.SENDING, Notification.lease_expires_at < now,
-                         or_(Notification.published_at.is_(None),
-                             Notification.published_at < Notification.lease_expires_at,
-                             Notification.published_at < stale)),
-                ),
-            ).with_for_update(skip_locked=True)
-        ).all()
-        for notification in notifications:
+        for notification in _due(s, Notification, now, stale):
             notification.published_at = now
             report.published_notifications.append(notification.id)
 
@@ -121,6 +99,22 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
     if report.queued or report.republished_jobs:
         log.info("sweep", queued=report.queued, republished=report.republished_jobs)
     return report
+
+
+def _due(s: Session, row: type[Delivery] | type[Notification], now: datetime, stale: datetime) -> list[Any]:
+    """Deliveries (or notifications: the same states) to publish: due and never published (or a
+    publish that failed) or published ``stale`` ago, and those whose sender's lease expired since."""
+    return list(s.scalars(
+        select(row).where(
+            or_(
+                and_(row.state == DeliveryState.PENDING, row.next_attempt_at <= now,
+                     or_(row.published_at.is_(None), row.published_at < stale)),
+                and_(row.state == DeliveryState.SENDING, row.lease_expires_at < now,
+                     or_(row.published_at.is_(None), row.published_at < row.lease_expires_at,
+                         row.published_at < stale)),
+            ),
+        ).with_for_update(skip_locked=True)
+    ).all())
 
 
 def _queue_complete(ledger: Ledger, rule: str, complete: ColumnElement[bool], now: datetime,
