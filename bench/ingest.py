@@ -9,7 +9,9 @@ original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each 
 (``explicit``: Explicit VR Little Endian, ``j2k``: JPEG 2000 lossless, ``jpegls``: JPEG-LS
 lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in
 its own transfer syntax, never decompressed), one process per association, the files split evenly
-among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` is
+among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` (and
+``pleura-db``, the same with ``PLEURA_STORAGE=database``: each instance's bytes streamed into a
+PostgreSQL large object in the transaction of its ledger row, the spool copy then removed) is
 ``pleura listen --no-sweeper`` in production mode with ``--listen-processes`` processes accepting on
 the port (``PLEURA_LISTEN_PROCESSES``; default: one per CPU, as Orthanc's threads and ``storescp``'s
 forks use every core) (ledger on a fresh PostgreSQL database at ``--pg-admin``, migrated with
@@ -51,7 +53,7 @@ from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, 
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
-RECEIVERS = ("pleura", "storescp", "orthanc")
+RECEIVERS = ("pleura", "pleura-db", "storescp", "orthanc")
 #: Files sent (over the run's number of associations) to each fresh receiver before the timed send,
 #: so that start-up costs (imports, connection pools, caches) are not counted: a PACS's peer runs for months.
 WARM_UP_FILES = 4
@@ -89,12 +91,12 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 
 @contextmanager
-def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int) -> Receiver:
+def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, storage: str = "local") -> Receiver:
     with postgres_db(pg_admin, "pleura_ingest") as url, rabbitmq_vhost(rabbitmq_host) as broker:
         port = free_port()
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20",
-               "PLEURA_LISTEN_PROCESSES": str(processes)}
+               "PLEURA_LISTEN_PROCESSES": str(processes), "PLEURA_STORAGE": storage}
         log, ledger = workdir / "pleura.log", create_engine(url)
 
         def count() -> int:
@@ -164,6 +166,8 @@ def run_once(receiver: str, files: list[Path], warm_up: list[Path], associations
     with tempfile.TemporaryDirectory(prefix="pleura-ingest-", dir=args.tmp) as tmp:
         workdir = Path(tmp)
         start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes),
+                 "pleura-db": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes,
+                                             "database"),
                  "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir)}[receiver]
         with start() as (port, called_ae, count):
             send(port, called_ae, warm_up, associations)
@@ -192,12 +196,12 @@ def ratios(runs: list[dict]) -> list[dict]:
     by = {(r["receiver"], r["syntax"], r["associations"]): r["mb_per_s"] for r in runs}
     out = []
     for (receiver, syntax, assoc), rate in by.items():
-        if receiver != "pleura":
+        if not receiver.startswith("pleura"):
             continue
-        row: dict[str, Any] = {"syntax": syntax, "associations": assoc}
-        for other in ("storescp", "orthanc"):
+        row: dict[str, Any] = {"receiver": receiver, "syntax": syntax, "associations": assoc}
+        for other in ("storescp", "orthanc") + (("pleura",) if receiver != "pleura" else ()):
             if (other, syntax, assoc) in by:
-                row[f"pleura_over_{other}"] = round(rate / by[(other, syntax, assoc)], 2)
+                row[f"{receiver.replace('-', '_')}_over_{other}"] = round(rate / by[(other, syntax, assoc)], 2)
         out.append(row)
     return out
 
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=Path("build/ingest-data"))
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="ingest", help="stem of the JSON and PNG written")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -278,13 +283,13 @@ def main(argv: list[str] | None = None) -> dict:
                 report["runs"].append(measure(syntax, files, warm_up, assoc, receiver, args))
     report["ratios"] = ratios(report["runs"])
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(report, args.out / "ingest.png")
+    plot(report, args.out / f"{args.name}.png")
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["host"]["load_average_1m_at_end"] = os.getloadavg()[0]
-    (args.out / "ingest.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     for row in report["ratios"]:
         print(json.dumps(row), file=sys.stderr)
-    print(f"[{report['wall_seconds']} s] wrote {args.out / 'ingest.json'} and ingest.png", file=sys.stderr)
+    print(f"[{report['wall_seconds']} s] wrote {args.out / args.name}.json and .png", file=sys.stderr)
     return report
 
 

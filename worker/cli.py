@@ -34,6 +34,10 @@ def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
     rt = runtime.Runtime(settings=settings, ledger=Ledger(settings.effective_database_url),
                          publish=celery_app.publish)
     runtime.install(rt)
+    try:
+        rt.storage()
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     return rt
 
 
@@ -74,7 +78,8 @@ def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignor
     spool = spool or _open_spool(s)
     settle = s.study_settle_seconds
     wake = (lambda: sweeper.wake_in(settle + 0.05)) if sweeper is not None and settle >= 0 else None
-    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake)
+    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake,
+                              storage=rt.storage())
     scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls,
                      listen_socket=listen_socket)
     scp.start()
@@ -82,11 +87,13 @@ def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignor
 
 
 def _start_sweepers(rt, periodic: bool = True):  # type: ignore[no-untyped-def]
-    """The study sweeper (first), and an hourly one that removes orphaned prepared entries.
+    """The study sweeper (first), an hourly one that removes orphaned prepared entries, and with
+    ``PLEURA_RETENTION_HOURS`` the retention sweeper.
 
     Not ``periodic`` (a forked listener process): only the study sweeper, run when an association
     of this process is released."""
     from worker import prepared
+    from worker.storage import retention
     from worker.sweeper import Sweeper, sweep
 
     s = rt.settings
@@ -96,6 +103,10 @@ def _start_sweepers(rt, periodic: bool = True):  # type: ignore[no-untyped-def]
                                       settle, s.study_max_wait_seconds))]
     if periodic:
         sweepers.append(Sweeper(3600, lambda: prepared.prune(prepared.root(s))))
+    if periodic and s.retention_hours is not None:
+        hours = s.retention_hours
+        sweepers.append(Sweeper(retention.interval_seconds(hours),
+                                lambda: retention.purge(rt.ledger, rt.storage(), hours)))
     for sweeper in sweepers:
         sweeper.start()
     return sweepers

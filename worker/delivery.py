@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import NamedTuple
 
 import structlog
@@ -31,6 +30,8 @@ from worker.recovery import owner
 from worker.result_objects import SR_KIND
 from worker.runtime import Runtime
 from worker.settings import Destination, Settings
+from worker.storage import output_key
+from worker.storage.base import fetched
 from worker.sweeper import NOTIFY_TASK
 
 log = structlog.get_logger(__name__)
@@ -78,7 +79,8 @@ def _deliver(rt: Runtime, delivery_id: int) -> None:
             return
         delivery = s.get(Delivery, delivery_id)
         assert delivery is not None
-        path, target = Path(delivery.output.path), Destination.parse(delivery.destination)
+        recorded, uid = delivery.output.path, delivery.output.sop_instance_uid
+        target = Destination.parse(delivery.destination)
         structlog.contextvars.bind_contextvars(study_id=delivery.output.job.study_id)
 
     status: int | None = None
@@ -86,8 +88,9 @@ def _deliver(rt: Runtime, delivery_id: int) -> None:
     try:
         tls = (client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
                if target.tls else None)
-        result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
-                            calling_ae=settings.ae_title, tls=tls)[0]
+        with fetched(rt.storage(), output_key(uid), recorded) as path:
+            result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
+                                calling_ae=settings.ae_title, tls=tls)[0]
         status, error, ok, permanent = result.status, result.error, result.ok, result.permanent
         if not ok and error is None:
             error = f"peer answered status 0x{status:04X}" if status is not None else "no status"

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 from pydicom.uid import UID
@@ -27,6 +28,7 @@ from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import StudyState
 from worker.observability.metrics import ASSOCIATIONS_ACTIVE, ASSOCIATIONS_REJECTED, INSTANCES, RECEIVED_BYTES
+from worker.storage import LocalStorage, Storage, instance_key
 from worker.sweeper import PREPARE_TASK, Publish
 
 log = structlog.get_logger(__name__)
@@ -80,11 +82,14 @@ class LedgerReceiver:
     With ``publish``, each accepted instance (new or changed bytes, not an identical duplicate)
     is hinted for preparation once its row is committed. ``on_released`` is called once an
     association's A-RELEASE is committed (the sweeper is woken for the completion rule).
+    ``storage`` keeps the bytes of each accepted instance in the transaction that records it
+    (worker.storage); where it is shared, the spool file is removed once that has committed.
     """
 
     def __init__(self, ledger: Ledger, publish: Publish | None = None,
-                 on_released: Callable[[], None] | None = None) -> None:
+                 on_released: Callable[[], None] | None = None, storage: Storage | None = None) -> None:
         self.ledger = ledger
+        self.storage = storage or LocalStorage()
         self.hints = HintPublisher(publish) if publish is not None else None
         self.on_released = on_released
 
@@ -137,6 +142,8 @@ class LedgerReceiver:
             except IntegrityError:
                 if attempt == 2:  # another association created the same rows concurrently
                     raise
+        if self.storage.shared:  # the database holds the bytes now; this host keeps none
+            Path(stored.path).unlink(missing_ok=True)
         if self.hints is not None and outcome == "accepted":
             self.hints.submit(instance_id)
         structlog.contextvars.bind_contextvars(study_id=study_id)
@@ -197,6 +204,7 @@ class LedgerReceiver:
             instance.association_id = stored.association
             instance.times_received += 1
             instance.ineligible_reason = None
+        self.storage.keep(s, instance_key(stored.sha256), Path(stored.path))
         study.last_received_at = now
         if study.state != StudyState.RECEIVING:
             record(s, "study_reopened", study_id=study.id, previous_state=study.state,

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import structlog
@@ -58,6 +60,8 @@ from worker.result_objects import (
     written,
 )
 from worker.runtime import Runtime
+from worker.storage import Storage, instance_key, output_key
+from worker.storage.base import fetched
 from worker.sweeper import DELIVER_TASK, NOTIFY_TASK
 from worker.version import __version__
 
@@ -124,9 +128,33 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[tuple[str, int]]
             _Source(i.id, i.sop_instance_uid, i.spool_path, i.sha256, number)
             for number, i in enumerate(sorted(job.study.instances, key=lambda i: i.id), start=1)
         ]
-        previous_sr_path = _previous_path(s, job, engine.bundle.name, SR_KIND)
-        previous_notice_path = _previous_path(s, job, engine.bundle.name, NOT_ANALYSED_KIND)
+        previous_sr = _previous(s, job, engine.bundle.name, SR_KIND)
+        previous_notice = _previous(s, job, engine.bundle.name, NOT_ANALYSED_KIND)
 
+    storage = rt.storage()
+    with ExitStack() as held:  # where the bytes are in the database, private copies for this job
+        sources = [replace(source, path=_local(held, storage, instance_key(source.sha256), source.path))
+                   for source in sources]
+        previous_sr_path, previous_notice_path = (_local(held, storage, output_key(uid), path) if uid else None
+                                                  for uid, path in (previous_sr, previous_notice))
+        return _analyse(rt, engine, job_id, attempt_id, study_uid, revision, sources, previous_sr_path,
+                        previous_notice_path)
+
+
+def _local(held: ExitStack, storage: Storage, key: str, recorded: str) -> str:
+    """A readable path of ``key``'s bytes for the rest of the job; the recorded one when they are not
+    to be had (the gate then records the image as unreadable)."""
+    try:
+        return str(held.enter_context(fetched(storage, key, recorded)))
+    except OSError as exc:
+        log.warning("bytes not available", key=key.split(":")[0], error=type(exc).__name__)
+        return recorded
+
+
+def _analyse(rt: Runtime, engine: Engine, job_id: int, attempt_id: int, study_uid: str, revision: int,
+             sources: list[_Source], previous_sr_path: str | None,
+             previous_notice_path: str | None) -> list[tuple[str, int]]:
+    """Gate, infer, build and record the results of one job from readable ``sources``."""
     cache = PreparedCache.of(rt.settings, engine.bundle)
     t0 = time.perf_counter()
     eligible, reasons = _gate(sources, engine.bundle.intended_use, cache.load_when_ready,
@@ -180,6 +208,9 @@ def _process(rt: Runtime, job_id: int, attempt_id: int) -> list[tuple[str, int]]
         record(s, "job_succeeded", study_id=study.id, job_id=job_id, images=len(eligible),
                skipped=len(reasons), outputs=len(outputs), backend=engine.backend, timings=timings)
     cache.discard(source.sha256 for source in sources)  # the spool keeps the sources
+    if rt.storage().shared:  # the database holds the results now
+        for output in outputs:
+            Path(output.path).unlink(missing_ok=True)
     observe_stage("processing_to_results", processing_seconds)
     log.info("job done", job_id=job_id, images=len(eligible), outputs=len(outputs))
     return [(DELIVER_TASK, i) for i in delivery_ids] + [(NOTIFY_TASK, i) for i in notification_ids]
@@ -198,8 +229,9 @@ def _decode_here(ds: Dataset, _path: str) -> np.ndarray:
     return decode(ds)
 
 
-def _previous_path(s: Session, job: Job, bundle_name: str, kind: str) -> str | None:
-    """The newest object of ``kind`` that another job of this study made with this bundle."""
+def _previous(s: Session, job: Job, bundle_name: str, kind: str) -> tuple[str | None, str]:
+    """The SOP Instance UID and path of the newest object of ``kind`` that another job of this study
+    made with this bundle; (None, "") when there is none."""
     previous = s.scalars(
         select(OutputObject)
         .join(Job)
@@ -207,7 +239,7 @@ def _previous_path(s: Session, job: Job, bundle_name: str, kind: str) -> str | N
                OutputObject.kind == kind, Job.id != job.id)
         .order_by(OutputObject.created_at.desc())
     ).first()
-    return previous.path if previous else None
+    return (previous.sop_instance_uid, previous.path) if previous else (None, "")
 
 
 def _gate(
@@ -371,6 +403,7 @@ def _record_outputs(s: Session, rt: Runtime, job_id: int, outputs: list[Output],
         )
         s.add(obj)
         s.flush()
+        rt.storage().keep(s, output_key(uid), Path(output.path))
         for destination in rt.settings.destinations:
             delivery = Delivery(output_object_id=obj.id, destination=str(destination),
                                 state=DeliveryState.PENDING, next_attempt_at=now, published_at=now)

@@ -17,6 +17,8 @@ from worker.ledger import Instance, Study
 from worker.ledger.models import StudyState
 from worker.prepared import Prepared, PreparedCache
 from worker.runtime import Runtime
+from worker.storage import instance_key
+from worker.storage.base import fetched
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +42,7 @@ def _prepare(rt: Runtime, instance_id: int) -> None:
         instance = s.get(Instance, instance_id)
         if instance is None:
             return
-        path, sha256, study_id = instance.spool_path, instance.sha256, instance.study_id
+        recorded, sha256, study_id = instance.spool_path, instance.sha256, instance.study_id
         state = instance.study.state
     if state != StudyState.RECEIVING:
         log.debug("prepare skipped: the study's job has it", instance_id=instance_id, state=state)
@@ -52,10 +54,11 @@ def _prepare(rt: Runtime, instance_id: int) -> None:
     with cache.preparing(sha256) as mine:
         if not mine:
             return  # a duplicated hint: the other one computes it
-        ds = dcmread(path)
-        if eligibility.check(ds, engine.bundle.intended_use) is not None:
-            return  # the job records the reason
-        pixels = rt.cpu().decode(ds, path)
+        with fetched(rt.storage(), instance_key(sha256), recorded) as path:
+            ds = dcmread(path)
+            if eligibility.check(ds, engine.bundle.intended_use) is not None:
+                return  # the job records the reason
+            pixels = rt.cpu().decode(ds, str(path))
         entry = Prepared.from_output(rt.batcher().infer([pixels]), 0, display_image(pixels))
         cache.store(sha256, entry)
     with rt.ledger.session() as s:

@@ -15,6 +15,7 @@ from worker.cpu import CpuPool
 from worker.ledger.db import Ledger
 from worker.observability.metrics import observe_batch
 from worker.settings import Settings
+from worker.storage import DatabaseStorage, LocalStorage, Storage
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +28,7 @@ class Runtime:
     _engines: dict[str, Engine] = field(default_factory=dict)
     _batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     _cpu: CpuPool | None = None
+    _storage: Storage | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -67,6 +69,21 @@ class Runtime:
             if self._cpu is None:
                 self._cpu = CpuPool(self.settings.cpu_processes)
             return self._cpu
+
+    def storage(self) -> Storage:
+        """Where this process keeps and finds instance and result bytes (``PLEURA_STORAGE``)."""
+        with self._lock:
+            if self._storage is None:
+                self._storage = open_storage(self.settings, self.ledger)
+            return self._storage
+
+
+def open_storage(settings: Settings, ledger: Ledger) -> Storage:
+    """The configured storage; ValueError when it cannot work with this ledger."""
+    if settings.storage == "database":
+        return DatabaseStorage(ledger, settings.fetch_dir, settings.max_database_mb)
+    return LocalStorage()
+
 
 _current: Runtime | None = None
 

@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     notify_timeout_seconds: float = Field(10.0, gt=0)
     #: findings that flag a study for the worklist when positive; unset: those the bundle's manifest marks
     triage_findings: Annotated[list[str] | None, NoDecode] = None
+    #: where instance and result bytes live (worker.storage): ``local`` (this host's spool and outbox) or
+    #: ``database`` (the ledger's PostgreSQL: listeners and workers on different hosts share no filesystem)
+    storage: Literal["local", "database"] = "local"
+    #: hours after a finished study's last activity that its bytes are removed (worker.storage.retention);
+    #: unset: kept
+    retention_hours: float | None = Field(None, gt=0)
+    #: with ``storage`` database: C-STORE answers 0xA700 once the ledger's database is this large (MB)
+    max_database_mb: int | None = Field(None, gt=0)
     min_free_disk_mb: int = 500
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1)
@@ -158,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def fetch_dir(self) -> Path:
+        """Private copies of bytes read from the database storage, removed after each use."""
+        return self.data_dir / "fetched"
 
     @property
     def outbox_dir(self) -> Path:

@@ -40,7 +40,8 @@ class _ComposeLoader(yaml.SafeLoader):
 
 
 _ComposeLoader.add_constructor("!reset", lambda _loader, _node: "!reset")
-_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node))
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node)
+                               if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node))
 
 
 @cache
@@ -259,3 +260,19 @@ def test_orthanc_lua_forwards_chest_radiographs_and_keeps_the_viewer_read_only(t
         assert call("/instances", "viewer") == 200
     got = sorted(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in received.iterdir())
     assert got == sorted(str(dcmread(path).SOPInstanceUID) for path in forwarded)
+
+
+def test_the_multihost_option_shares_no_volume_between_pleura_processes() -> None:
+    """docker/compose.multihost.yaml: every Pleura process keeps its bytes in the database and has a
+    data volume of its own; a second listener on another port; the settings are valid settings."""
+    overlay = _compose("docker/compose.multihost.yaml")["services"]
+    assert set(overlay) == {"pleura-listen", "pleura-listen-2", "pleura-worker"}
+    data = {}
+    for name, service in overlay.items():
+        assert service["environment"]["PLEURA_STORAGE"] == "database", name
+        data[name] = next(v.split(":")[0] for v in service["volumes"] if v.endswith(":/var/lib/pleura"))
+    assert len(set(data.values())) == len(data), data  # no two processes share a data volume
+    assert overlay["pleura-listen-2"]["extends"] == {"file": "../compose.yaml", "service": "pleura-listen"}
+    assert overlay["pleura-listen-2"]["ports"][0] == "11113:11112"
+    env = {**_services()["pleura-listen"]["environment"], **overlay["pleura-listen"]["environment"]}
+    assert Settings(**{k.removeprefix("PLEURA_").lower(): v for k, v in env.items()}).storage == "database"

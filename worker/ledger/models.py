@@ -91,6 +91,8 @@ class Study(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     note: Mapped[str | None] = mapped_column(Text)
+    #: when retention removed the bytes of its instances and results (worker.storage.retention)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -110,6 +112,23 @@ class StudyArrival(Base):
     association_id: Mapped[int] = mapped_column(ForeignKey("associations.id"), primary_key=True)
     instances: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Blob(Base):
+    """Bytes kept in the ledger's own database (``PLEURA_STORAGE=database``, worker.storage), one
+    PostgreSQL large object each, reachable from every host. ``key`` names what they are:
+    ``sha256:<hex>`` an instance's encoded bytes (its ``sha256``), ``sop:<UID>`` a result object.
+    ``purged_at``: the bytes were removed (retention); the row stays for the audit."""
+
+    __tablename__ = "blobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(80), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    lo_oid: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Instance(Base):

@@ -1,7 +1,7 @@
 """What a notification says: one analysed result (a job) with its patient, study and findings.
 
-Patient and study come from the header of the study's first analysed instance in the spool
-(the ledger holds no patient data); findings are the job's, one per finding for the study
+Patient and study come from the header of the study's first analysed instance (worker.storage;
+the ledger holds no patient data); findings are the job's, one per finding for the study
 (the highest probability over its images, positive when any image is).
 """
 
@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from engines import Bundle
 from worker.ledger import Finding, Instance, Job
 from worker.ledger.db import as_utc
+from worker.storage import Storage, instance_key
+from worker.storage.base import fetched
 
 #: OBX-8 / Observation.interpretation: a positive triage finding, another positive, a negative
 CRITICAL, ABNORMAL, NORMAL = "AA", "A", "N"
@@ -118,14 +120,15 @@ def study_findings(s: Session, job_id: int, bundle: Bundle, triage: frozenset[st
     return tuple(outcomes)
 
 
-def load(s: Session, job: Job, control: str, bundle: Bundle, triage: frozenset[str]) -> StudyResult:
+def load(s: Session, job: Job, control: str, bundle: Bundle, triage: frozenset[str], storage: Storage) -> StudyResult:
     """The result of ``job`` as the messages tell it; OSError/ValueError when its source is unreadable."""
     findings = study_findings(s, job.id, bundle, triage)
     analysed = {r.instance_id for r in s.query(Finding.instance_id).filter(Finding.job_id == job.id)}
     source = s.query(Instance).filter(Instance.id.in_(analysed)).order_by(Instance.id).first()
     if source is None:
         raise ValueError(f"job {job.id} has no analysed image")
-    ds = dcmread(source.spool_path, stop_before_pixels=True)
+    with fetched(storage, instance_key(source.sha256), source.spool_path) as path:
+        ds = dcmread(path, stop_before_pixels=True)
     assert job.finished_at is not None
     return StudyResult(
         control_id=control,

@@ -73,7 +73,7 @@ def _notify(rt: Runtime, notification_id: int) -> None:
         try:
             bundle = _bundle(rt, row.job)
             result: StudyResult | None = load(s, row.job, row.control_id, bundle,
-                                              triage_names(settings.triage_findings, bundle))
+                                              triage_names(settings.triage_findings, bundle), rt.storage())
             problem = None
         except (OSError, ValueError) as exc:  # the source header is gone or unreadable, the model is not installed
             result, problem = None, f"the result could not be read: {type(exc).__name__}: {exc}"
