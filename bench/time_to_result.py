@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.time_to_result [--rates 0.25,0.5,1,1.5,2] [--studies 20] [--images 1]
         [--quiet 1] [--sweep 0.2] [--transfer-syntax j2k] [--nih ../shared/data/nih-cxr14-sample]
-        [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672] [--backend auto] [--name time_to_result]
+        [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672] [--backend auto] [--storage local]
+        [--name time_to_result]
         [--out bench/results]
 
 Stack: ``pleura db upgrade``, ``pleura listen`` (listener + sweeper) and one ``pleura worker``
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pg-admin", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     parser.add_argument("--rabbitmq-host", default="127.0.0.1:5672")
     parser.add_argument("--backend", default="auto", help="PLEURA_BACKEND of the worker")
+    parser.add_argument("--storage", default="local", choices=["local", "database"], help="PLEURA_STORAGE")
     parser.add_argument("--name", default="time_to_result", help="stem of the JSON and PNG written")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env = {"PLEURA_DATA_DIR": str(tmp / "var"), "PLEURA_DATABASE_URL": db_url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_PORT": str(port), "PLEURA_DESTINATIONS": f"DEST@127.0.0.1:{dest_port}",
                "PLEURA_STUDY_QUIET_SECONDS": str(args.quiet), "PLEURA_SWEEP_INTERVAL_SECONDS": str(args.sweep),
-               "PLEURA_MIN_FREE_DISK_MB": "20", "PLEURA_BACKEND": args.backend}
+               "PLEURA_MIN_FREE_DISK_MB": "20", "PLEURA_BACKEND": args.backend, "PLEURA_STORAGE": args.storage}
         start_production(stack, env, tmp)
         try:
             warm = run_rate(port, dest, pool, 1.0, 2, args.images, args.quiet, 120, 0)  # model load, connections
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stack": {"database": "PostgreSQL (fresh database, shared server)", "broker": "RabbitMQ (fresh vhost)",
                   "listener": "pleura listen", "worker": "pleura worker (1 process, default concurrency)",
                   "destination": "DCMTK storescp", "model": "demo bundle (PLEURA_MODEL default)",
-                  "backend_setting": args.backend, "backends_used": backends,
+                  "backend_setting": args.backend, "backends_used": backends, "storage": args.storage,
                   "quiet_s": args.quiet, "sweep_interval_s": args.sweep},
         "studies": {"source": "NIH ChestX-ray14 sample via pleura synth, full original matrix, 12-bit CR",
                     "transfer_syntax": args.transfer_syntax, "images_per_study": args.images,
