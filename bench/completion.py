@@ -46,7 +46,8 @@ from bench.time_to_result import (
 )
 
 CONFIGS = {"default": {}, "quiet5": {"PLEURA_STUDY_SETTLE_SECONDS": "-1", "PLEURA_STUDY_QUIET_SECONDS": "5"},
-           "settle1": {"PLEURA_STUDY_SETTLE_SECONDS": "1"}}
+           "settle1": {"PLEURA_STUDY_SETTLE_SECONDS": "1"},
+           "database": {"PLEURA_STORAGE": "database"}}  # bytes in PostgreSQL (worker.storage); production only
 
 
 def _stack(stack: ExitStack, mode: str, config: dict[str, str], tmp: Path, args: argparse.Namespace) -> tuple[
