@@ -50,8 +50,13 @@ def test_results_reach_the_ris_over_mllp_and_fhir(nih: Path, tmp_path: Path) -> 
             pleura_run({}, "send", "127.0.0.1", str(port), str(tmp_path / "studies"), "--calling-ae", "MODALITY")
             wait_for(lambda: len(steady.received) >= STUDIES and len(flaky.received) >= 2 * STUDIES
                      and len(server.posts) >= STUDIES, 120, "every study at both MLLP peers and the FHIR server")
+
+            def recorded() -> list:  # type: ignore[type-arg]
+                rows = json.loads(pleura_run(env, "audit", "notifications", "--format", "json"))
+                return rows if len(rows) == 3 * STUDIES and all(r["state"] == "DELIVERED" for r in rows) else []
+
+            notifications = wait_for(recorded, 30, "every acknowledgment recorded in the ledger", interval=0.5)
             status = {r["study_instance_uid"]: r for r in json.loads(pleura_run(env, "status", "--json"))}
-            notifications = json.loads(pleura_run(env, "audit", "notifications", "--format", "json"))
             table = pleura_run(env, "status")
             log = (tmp_path / "serve.log").read_text()
     finally:

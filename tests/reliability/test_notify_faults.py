@@ -70,16 +70,18 @@ def test_ris_faults_are_retried_refused_or_failed_with_the_peers_text(nih: Path,
         with running(serve, dest):
             wait_port(port, serve, timeout=120)
             pleura_run({}, "send", "127.0.0.1", str(port), str(tmp_path / "studies"), "--calling-ae", "MODALITY")
-            first = wait_for(lambda: (r := rows()).get("down", {}).get("attempts") and r, 60,
-                             "the first try at the peer that is down")
+            first = wait_for(lambda: (r := rows()).get("down", {}).get("last_error") and r, 60,
+                             "the first try at the peer that is down, recorded")
             assert first["down"]["state"] in ("PENDING", "SENDING")
             assert "ConnectionRefused" in first["down"]["last_error"]
             time.sleep(DOWN_SECONDS)
             late = MllpPeer(port=down_port).start()  # the RIS is back, on the same port
             peers.append(late)
             done = wait_for(lambda: (r := rows())["down"]["state"] == "DELIVERED" and r["garbage"]["attempts"] >= 3
-                            and r["half"]["attempts"] >= 3 and r["impostor"]["attempts"] >= 3 and r, 60,
-                            "the peer that came back, and three tries at each broken one")
+                            and r["half"]["attempts"] >= 3 and r["impostor"]["attempts"] >= 3
+                            and (r["refusing"]["state"], r["genuine"]["state"], r["fhir"]["state"])
+                            == ("FAILED", "DELIVERED", "FAILED") and r, 60,
+                            "the peer that came back, three tries at each broken one, the others ended")
             status = pleura_run(env, "status")
             failures = json.loads(pleura_run(env, "audit", "failures", "--kind", "notification_failed",
                                              "--format", "json"))
