@@ -13,6 +13,10 @@ Before any of that an :class:`AssociationPolicy` decides who may associate (call
 allow-list bound to hosts, a limit on concurrent associations) and how long a peer may stay
 silent; with an ``ssl.SSLContext`` the listener speaks DICOM TLS only. Every refusal goes to the
 Receiver with a reason.
+
+A Deflated Explicit VR Little Endian data set is inflated once, piece by piece and keeping nothing
+(:mod:`dicom_node.deflate`), before its header is read: one that inflates beyond
+``max_inflated_bytes`` (a deflate bomb) is refused, never inflated whole in memory.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node.deflate import InflateError, inflated_size
 from dicom_node.spool import InvalidUID, Spool, SpoolFull
 
 log = structlog.get_logger(__name__)
@@ -77,6 +82,9 @@ SHARED_ACCEPT_DELAY = 0.003
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
 REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+#: Largest inflated size of a Deflated Explicit VR Little Endian data set, by default (bytes).
+DEFAULT_MAX_INFLATED_BYTES = 512 * 2**20
 
 #: Header attributes the application gets with each instance (no PHI among them).
 _HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
@@ -176,6 +184,7 @@ class StorageSCP:
         policy: AssociationPolicy | None = None,
         tls: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> None:
         self.address = (host, port)
         self.listen_socket = listen_socket
@@ -183,6 +192,7 @@ class StorageSCP:
         self.receiver = receiver
         self.policy = policy or AssociationPolicy()
         self.tls = tls
+        self.max_inflated_bytes = max_inflated_bytes
         self._allowed = self.policy.allowed()
         self._keys: dict[int, object] = {}
         self._lock = threading.Lock()
@@ -315,6 +325,8 @@ class StorageSCP:
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
             data = event.encoded_dataset(include_meta=True)
+            if event.context.transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
+                inflated_size(data, self.max_inflated_bytes)  # before dcmread inflates it whole
             header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
             study_uid = str(header.get("StudyInstanceUID", ""))
             series_uid = str(header.get("SeriesInstanceUID", ""))
@@ -325,7 +337,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES, f"spool full: {exc}"
         except OSError as exc:
             return OUT_OF_RESOURCES, f"spool write failed: {type(exc).__name__} (errno {exc.errno})"
-        except (_Refused, InvalidUID) as exc:  # our own messages, which quote no peer values
+        except (_Refused, InvalidUID, InflateError) as exc:  # our own messages, which quote no peer values
             return CANNOT_UNDERSTAND, f"cannot understand: {exc}"
         except Exception as exc:  # anything unparseable is the peer's data set, never a crash here
             # only the type: a parser's message may quote the peer's values, patient names included

@@ -14,6 +14,10 @@ Manifest (``schema_version`` 1; ``engines/bundles/demo/manifest.json`` is a full
 - ``findings``: name, ``code`` (value, scheme, meaning), operating ``threshold``, optionally
   ``triage`` (true: a positive flags the study for the worklist unless the site chooses others);
 - ``files``: ``onnx``, ``golden``, optionally ``torch_state_dict``, ``model_card``...;
+- ``pins``: the SHA-256 of every file in the directory (:mod:`engines.pins`); a pinned bundle whose
+  files differ, are missing or were added is refused, naming the files. Optionally signed
+  (``manifest.sig``, :mod:`engines.signing`): with trusted keys given, an unsigned or
+  wrongly signed bundle is refused;
 - ``parity``: ``tolerance`` per precision (``fp32`` required; ``fp16`` permits fp16);
 - optionally ``heads``: logistic heads on the embedding (:mod:`engines.heads.serving`), each
   reported as one more finding after the encoder's, and refused unless it records this
@@ -24,17 +28,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
+from engines import pins, signing
 from engines.heads.serving import check_heads
+from engines.pins import MANIFEST
 
 #: Built-in bundles shipped inside the package.
 BUILTIN_DIR = Path(__file__).resolve().parent / "bundles"
 
-MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
@@ -68,6 +73,12 @@ class Bundle:
     sha256: str
     #: Findings of the manifest's ``heads``, reported after :attr:`findings` (the encoder's outputs).
     head_findings: tuple[FindingSpec, ...] = ()
+    #: The manifest pins the files, and they matched when loaded.
+    pinned: bool = False
+    #: Id of the trusted key whose signature was verified at load (None: no trusted keys were given).
+    signer: str | None = None
+    #: SHA-256 (hex) of each file as read at load, by relative path.
+    file_sha256: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def reported_findings(self) -> tuple[FindingSpec, ...]:
@@ -86,21 +97,26 @@ class Bundle:
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for role, name in sorted(self.manifest["files"].items()):
             if role not in ("golden", "model_card"):
-                digest.update(role.encode() + b"\0" + hashlib.sha256((self.path / name).read_bytes()).digest())
+                digest.update(role.encode() + b"\0" + self._digest(name))
         return digest.hexdigest()
 
     @cached_property
     def model_sha256(self) -> str:
-        """SHA-256 of what decides the outputs: the manifest and every file but the model card.
+        """SHA-256 of what decides the outputs: the manifest (but its pins) and every file but the model card.
 
         Two bundles with the same name and version but different weights or thresholds differ
         here, so results derived from it (e.g. DICOM UIDs) never collide.
         """
-        digest = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        manifest = {key: value for key, value in self.manifest.items() if key != "pins"}
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
         for role, name in sorted(self.manifest["files"].items()):
             if role != "model_card":
-                digest.update(role.encode() + b"\0" + hashlib.sha256((self.path / name).read_bytes()).digest())
+                digest.update(role.encode() + b"\0" + self._digest(name))
         return digest.hexdigest()
+
+    def _digest(self, name: str) -> bytes:
+        known = self.file_sha256.get(Path(name).as_posix())
+        return bytes.fromhex(known) if known else hashlib.sha256((self.path / name).read_bytes()).digest()
 
     def file(self, role: str) -> Path:
         """Path of the bundle file with ``role`` in the manifest's ``files`` (e.g. ``"onnx"``)."""
@@ -128,22 +144,23 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def hash_files(path: Path) -> str:
-    """SHA-256 over the bundle's files (relative paths and contents, sorted; hidden files skipped)."""
+def hash_files(path: Path, digests: dict[str, str] | None = None) -> str:
+    """SHA-256 over the bundle's files (relative paths and contents, sorted; hidden files skipped);
+    ``digests`` are :func:`engines.pins.file_digests` of ``path`` when already computed."""
     digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts)
-    )
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    for name, file_digest in sorted((digests if digests is not None else pins.file_digests(path)).items()):
+        if not any(part.startswith((".", "__")) for part in name.split("/")):
+            digest.update(name.encode() + b"\0" + bytes.fromhex(file_digest))
     return digest.hexdigest()
 
 
-def load_bundle(name_or_path: str | Path) -> Bundle:
-    """Load and validate a bundle: a built-in name (``"demo"``) or a bundle directory."""
+def load_bundle(name_or_path: str | Path, trusted_keys: dict[str, signing.TrustedKey] | None = None) -> Bundle:
+    """Load and validate a bundle: a built-in name (``"demo"``) or a bundle directory.
+
+    A pinned bundle's files must match its pins. With ``trusted_keys`` (even empty) the bundle
+    must be pinned and signed by one of them. Either failure is a :class:`BundleError` that
+    names the files or the key.
+    """
     path = resolve(name_or_path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -157,6 +174,8 @@ def load_bundle(name_or_path: str | Path) -> Bundle:
     for role, name in manifest["files"].items():
         if not (path / name).is_file():
             raise BundleError(f"{manifest_path}: files.{role} names {name!r}, which is not in {path}")
+    digests = pins.file_digests(path)
+    signer = _check_trust(path, manifest, digests, trusted_keys)
     bundle = Bundle(
         name=manifest["name"],
         version=manifest["version"],
@@ -164,7 +183,10 @@ def load_bundle(name_or_path: str | Path) -> Bundle:
         manifest=manifest,
         findings=findings,
         intended_use=manifest["intended_use"],
-        sha256=hash_files(path),
+        sha256=hash_files(path, digests),
+        pinned="pins" in manifest,
+        signer=signer,
+        file_sha256=digests,
     )
     if "heads" not in manifest:
         return bundle
@@ -177,6 +199,22 @@ def load_bundle(name_or_path: str | Path) -> Bundle:
     if len(set(names)) != len(names):
         check.fail("heads", f"repeat a finding name of the bundle: {names}")
     return replace(bundle, head_findings=heads)
+
+
+def _check_trust(path: Path, manifest: dict[str, Any], digests: dict[str, str],
+                 trusted_keys: dict[str, signing.TrustedKey] | None) -> str | None:
+    """Check the pins, and with ``trusted_keys`` the signature; return the signer's key id."""
+    try:
+        if "pins" in manifest:
+            pins.check(path, manifest["pins"], digests)
+        if trusted_keys is None:
+            return None
+        if "pins" not in manifest:
+            raise BundleError(f"bundle {path} refused: it is not pinned, and only pinned bundles signed by a "
+                              "trusted key may be loaded; pin and sign it (pleura models pin, pleura models sign)")
+        return signing.verify(path, trusted_keys).id
+    except (pins.PinError, signing.SignatureError) as exc:
+        raise BundleError(str(exc)) from exc
 
 
 class _Checker:

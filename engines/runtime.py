@@ -11,7 +11,7 @@ import numpy as np
 
 from engines import backends, maps, parity
 from engines.backends import Backend, BackendUnavailable
-from engines.bundle import Bundle, load_bundle
+from engines.bundle import Bundle, BundleError, load_bundle
 from engines.heads.serving import apply_heads, served_heads
 from engines.preprocess import preprocess
 
@@ -130,6 +130,49 @@ def load(bundle: Bundle | str | Path, backend: str = "auto") -> Engine:
     raise BackendUnavailable(
         f"no backend can run here ({'; '.join(notes)}); install one of {', '.join(backends.KINDS)}"
     )
+
+
+@dataclass(frozen=True)
+class BackendCheck:
+    """One backend's answer to the parity gate: ``passed``, ``failed`` or ``unavailable`` here."""
+
+    kind: str
+    status: str
+    #: what ran (e.g. ``onnxruntime:CPUExecutionProvider``) and its precision; None when unavailable
+    backend: str | None
+    precision: str | None
+    #: the distances to the reference, the error, or why the backend cannot run here
+    detail: str
+    report: parity.ParityReport | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "status": self.status, "backend": self.backend, "precision": self.precision,
+                "detail": self.detail,
+                "max_abs_diff": self.report.max_abs_diff if self.report else None,
+                "tolerance": self.report.tolerance if self.report else None}
+
+
+def check_backends(bundle: Bundle, kinds: Sequence[str] = backends.KINDS) -> list[BackendCheck]:
+    """Run the parity gate of ``bundle`` on each backend of ``kinds`` that can run here."""
+    checks = []
+    for kind in kinds:
+        try:
+            engine = Engine(bundle, backends.create(kind, bundle))
+        except BackendUnavailable as exc:
+            checks.append(BackendCheck(kind, "unavailable", None, None, str(exc)))
+            continue
+        except BundleError as exc:  # the backend cannot load the bundle's files
+            checks.append(BackendCheck(kind, "failed", None, None, str(exc)))
+            continue
+        try:
+            report = parity.check(engine)
+        except Exception as exc:  # whatever a backend raises on the golden inputs fails the gate
+            checks.append(BackendCheck(kind, "failed", engine.backend, engine.precision,
+                                       f"{type(exc).__name__}: {exc}"))
+            continue
+        checks.append(BackendCheck(kind, "passed" if report.passed else "failed", engine.backend,
+                                   engine.precision, report.describe(), report))
+    return checks
 
 
 def _gated(bundle: Bundle, kind: str) -> Engine:

@@ -218,8 +218,8 @@ def cmd_role(settings: Settings, args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``audit`` to the ``pleura`` parser; bare ``pleura audit`` is ``pleura audit timeline``."""
-    p = sub.add_parser("audit", help="audit views: timeline, deliveries, failures, notifications (table, CSV, "
-                       "JSON); role")
+    text = "the audit trail: arrivals, processing, deliveries, failures"
+    p = sub.add_parser("audit", help=text, description=f"{text}; bare `pleura audit` is `pleura audit timeline`.")
     p.set_defaults(func=cmd_audit, view="timeline", since=None, until=None, calling_ae=None, state=None,
                    model=None, limit=50, format="table")
     views = p.add_subparsers(dest="view", metavar="{timeline,deliveries,failures,notifications,role}")
@@ -229,7 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("failures", "quarantined jobs, failed deliveries and notifications, refused instances, "
                         "rejected associations"),
                        ("notifications", "each analysed result told to each RIS (HL7 v2, FHIR)")):
-        v = views.add_parser(view, help=text)
+        v = views.add_parser(view, help=text, description=text)
         v.add_argument("--since", help="ISO date/time (UTC unless given) or a duration back from now: 24h, 7d")
         v.add_argument("--until", help="same forms as --since (exclusive)")
         v.add_argument("--calling-ae", help="studies sent by this AE title")
@@ -241,9 +241,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                           view, audit.NOTIFICATION_STATES)))
         v.add_argument("--model", help="bundle NAME or NAME:VERSION")
         v.add_argument("--limit", type=int, default=50, help="newest N rows (default 50)")
-        v.add_argument("--format", choices=["table", "csv", "json"], default="table")
+        output = v.add_mutually_exclusive_group()
+        output.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                            help="a table for the terminal (default), CSV, or JSON")
+        output.add_argument("--json", dest="format", action="store_const", const="json",
+                            help="print the rows as a JSON list (same as --format json)")
         v.set_defaults(func=cmd_audit)
-    r = views.add_parser("role", help="create/update the read-only auditor role (PostgreSQL)")
+    text = "create or update the read-only auditor role (PostgreSQL)"
+    r = views.add_parser("role", help=text, description=f"{text}: it may read the audit views, not the ledger.")
     r.add_argument("name", help="role name, e.g. pleura_auditor")
     r.add_argument("--login", action="store_true", help="the role may log in (implied by --password-file)")
     r.add_argument("--password-file", type=Path, help="file holding the role's password (first line)")

@@ -1,4 +1,5 @@
-"""The ``pleura`` command line: serve, listen, worker, db, send, status, search, models, synth."""
+"""The ``pleura`` command line: serve, listen, worker, db, send, status, search, models, synth, eval, heads,
+audit (the last three registered by :mod:`worker.heads_cli` and :mod:`worker.audit_cli`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,13 @@ log = structlog.get_logger("pleura")
 
 #: ``pleura worker --name`` when none is given (a restart on the same host still recovers at once).
 DEFAULT_WORKER_NAME = "1"
+#: engines.backends.KINDS, named here so that parsing the command line imports no engine
+BACKEND_KINDS = ("tensorrt", "onnxruntime", "torch")
+DESCRIPTION = ("Pleura receives chest X-ray studies from a PACS over DICOM, analyses them with AI models and "
+               "sends the results (a structured report and a heatmap image) back into each study; every step is "
+               "recorded in its database for audit.")
+EPILOG = ("`pleura COMMAND --help` describes a command and its options. Settings come from PLEURA_* environment "
+          "variables and the --config file. Commands that print records take --json for a JSON document.")
 
 
 def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
@@ -81,7 +90,7 @@ def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignor
     receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake,
                               storage=rt.storage())
     scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls,
-                     listen_socket=listen_socket)
+                     listen_socket=listen_socket, max_inflated_bytes=s.max_inflated_mb * 2**20)
     scp.start()
     return scp
 
@@ -119,6 +128,20 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def _model(rt) -> Bundle:  # type: ignore[no-untyped-def]
+    """The configured model, loaded through its pins, signature and parity gate; exit with the reason if refused."""
+    from engines import BackendUnavailable, BundleError, ParityError
+
+    try:
+        engine = rt.engine()
+    except (BundleError, ParityError, BackendUnavailable) as exc:
+        sys.exit(f"error: model {rt.settings.model!r} refused, nothing will be analysed: {exc}")
+    if not engine.bundle.pinned:
+        log.warning("model bundle not pinned: nothing says its files are the ones validated",
+                    bundle=engine.bundle.name, version=engine.bundle.version)
+    return engine.bundle
+
+
 def _check_notify(settings: Settings, bundle: Bundle) -> None:
     """Exit with the reason when the RIS notification settings cannot work with this model."""
     from worker.notify.result import check_triage
@@ -151,7 +174,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     # the dead predecessor's broker held its queue: its deliveries go out while the model loads
     recover(rt.ledger, rt.publish, requeue_all=True)
-    _check_notify(settings, rt.engine().bundle)
+    _check_notify(settings, _model(rt))
     sweepers = _start_sweepers(rt)
     scp = _start_listener(rt, sweepers[0])
     http = start_http(settings, rt, "serve")
@@ -214,7 +237,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     _require_schema(rt)
     rt.cpu().start()
-    _check_notify(settings, rt.engine().bundle)
+    _check_notify(settings, _model(rt))
     recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([
@@ -233,6 +256,7 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> None:
+    """C-STORE ``args.paths``; one line (or ``--json`` record) per file; exit 1 if any was not stored."""
     from dicom_node.scu import AssociationRejected, collect_files, send_files
 
     try:
@@ -240,13 +264,21 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> None:
         results = send_files(args.host, args.port, files, called_ae=args.called_ae, calling_ae=args.calling_ae)
     except (FileNotFoundError, AssociationRejected, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    failed = 0
-    for r in results:
-        status = f"0x{r.status:04X}" if r.status is not None else "not sent"
-        print(f"{status}  {r.name}" + (f"  ({r.error})" if r.error else ""))
-        failed += not r.ok
-    print(f"{len(results) - failed} sent, {failed} failed")
+    failed = sum(not r.ok for r in results)
+    if args.json:
+        print(json.dumps({"sent": len(results) - failed, "failed": failed, "results": [
+            {"file": r.name, "sop_instance_uid": r.sop_instance_uid, "status": _dimse_status(r.status), "ok": r.ok,
+             "error": r.error} for r in results]}, indent=2))
+    else:
+        for r in results:
+            print(f"{_dimse_status(r.status) or 'not sent'}  {r.name}" + (f"  ({r.error})" if r.error else ""))
+        print(f"{len(results) - failed} sent, {failed} failed")
     sys.exit(1 if failed else 0)
+
+
+def _dimse_status(status: int | None) -> str | None:
+    """``0x0000``-style, None when never sent."""
+    return f"0x{status:04X}" if status is not None else None
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
@@ -309,7 +341,7 @@ def cmd_synth(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
-    """list / verify / build / import model bundles."""
+    """list / verify / pin / sign / build / import model bundles."""
     from engines import BackendUnavailable, BundleError, ParityError
     from worker import models
 
@@ -322,7 +354,19 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> None:
                 detail = row.get("error") or f"{row['version']}  {', '.join(row['findings']) or 'no findings'}"
                 print(f"{row['name']:<20} {row['origin']:<9} {detail}")
         elif args.action == "verify":
-            print(models.verify(settings, args.name, args.backend))
+            report = models.verify(settings, args.name, args.backend)
+            print(json.dumps(report, indent=2) if args.json else "\n".join(models.describe(report)))
+            if not report["passed"]:
+                failed = [c["kind"] for c in report["backends"] if c["status"] == "failed"]
+                parts = [k for k in ("pins", "signature") if report[k]["status"] == "failed"] + failed
+                sys.exit(f"error: bundle verify FAILED ({', '.join(parts) or 'no backend could run here'}); "
+                         "it must not serve patients until this passes")
+        elif args.action == "pin":
+            path, count = models.pin(settings, args.name)
+            print(f"pinned {count} files of {path}; sign it again if it is to be trusted")
+        elif args.action == "sign":
+            path, signer = models.sign(settings, args.name, args.key)
+            print(f"signed {path} with key {signer}")
         elif args.action == "build":
             from engines.build import build
 
@@ -346,52 +390,62 @@ def _option_value(text: str) -> str | bool:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def _command(sub: argparse._SubParsersAction, name: str, text: str,
+             func: Callable[[Settings, argparse.Namespace], None]) -> argparse.ArgumentParser:
+    """Subcommand ``name`` running ``func``, described by ``text`` in ``pleura --help`` and its own --help."""
+    p = sub.add_parser(name, help=text, description=text)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pleura", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pleura", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--config", type=Path, help="TOML file with settings (env PLEURA_* wins)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="all-in-one on embedded defaults").set_defaults(func=cmd_serve)
-    p = sub.add_parser("listen", help="DICOM listener + sweeper (production)")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    _command(sub, "serve", "run everything in one process (embedded SQLite and queue)", cmd_serve)
+    p = _command(sub, "listen", "receive studies over DICOM, queue them for workers", cmd_listen)
     p.add_argument("--no-sweeper", action="store_true", help="run the listener only")
-    p.set_defaults(func=cmd_listen)
-    p = sub.add_parser("worker", help="Celery worker: process and deliver (production)")
+    p = _command(sub, "worker", "analyse queued studies and send the results back", cmd_worker)
     p.add_argument("--name", default=None,
                    help=f"this worker's name (default {DEFAULT_WORKER_NAME}): Celery's hostname suffix; restarted "
                         "under the same name, on any host, it takes back its predecessor's leases at once")
-    p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("db", help="database schema")
+    p = _command(sub, "db", "create or upgrade the database schema", cmd_db)
     p.add_argument("action", choices=["upgrade"])
-    p.add_argument("revision", nargs="?", default="head")
-    p.set_defaults(func=cmd_db)
-    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
-    p.add_argument("host")
-    p.add_argument("port", type=int)
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--calling-ae", default="PLEURA_SCU")
-    p.add_argument("--called-ae", default="PLEURA")
-    p.set_defaults(func=cmd_send)
-    p = sub.add_parser("status", help="recent studies: state, timings, findings, deliveries")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=20)
-    p.set_defaults(func=cmd_status)
-    p = sub.add_parser("search", help="nearest studies by embedding: --like UID or --text")
+    p.add_argument("revision", nargs="?", default="head", help="schema revision (default head, the latest)")
+    p = _command(sub, "send", "send DICOM files or folders to a DICOM node (C-STORE)", cmd_send)
+    p.add_argument("host", help="the receiving node's host name or address")
+    p.add_argument("port", type=int, help="its DICOM port")
+    p.add_argument("paths", nargs="+", help="DICOM files, or folders searched recursively")
+    p.add_argument("--calling-ae", default="PLEURA_SCU", help="our AE title (default PLEURA_SCU)")
+    p.add_argument("--called-ae", default="PLEURA", help="the receiver's AE title (default PLEURA)")
+    p.add_argument("--json", action="store_true", help="print the results as a JSON document")
+    p = _command(sub, "status", "list recent studies: state, timings, findings, deliveries", cmd_status)
+    p.add_argument("--json", action="store_true", help="print the studies as a JSON list")
+    p.add_argument("--limit", type=int, default=20, help="newest N studies (default 20)")
+    p = _command(sub, "search", "find studies like a given study or image, or a text", cmd_search)
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--like", metavar="UID", help="a Study or SOP Instance UID already processed")
     query.add_argument("--text", help="a description (bundles with a text encoder only)")
-    p.add_argument("--limit", type=int, default=10)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=10, help="results per page (default 10)")
+    p.add_argument("--offset", type=int, default=0, help="results to skip (default 0)")
     p.add_argument("--bundle", help="bundle name (default: the query's latest; for --text the configured model)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_search)
-    p = sub.add_parser("models", help="model bundles: list, verify (parity gate), build, import")
+    p.add_argument("--json", action="store_true", help="print the result as a JSON document")
+    p = sub.add_parser("models", help="model bundles: list, verify, pin, sign, build, import")
     models = p.add_subparsers(dest="action", required=True)
     m = models.add_parser("list", help="built-in and installed bundles")
     m.add_argument("--json", action="store_true")
-    for action, text in (("verify", "run the parity gate on the golden inputs"),
-                         ("build", "prebuild/cache the engine (TensorRT plan) and warm it up")):
-        m = models.add_parser(action, help=text)
-        m.add_argument("name", help="bundle name or path")
-        m.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
+    m = models.add_parser("verify", help="check the pins, the signature and the parity gate on every backend here")
+    m.add_argument("name", help="bundle name or path")
+    m.add_argument("--backend", default="all", choices=["all", *BACKEND_KINDS], help="check this backend only")
+    m.add_argument("--json", action="store_true")
+    m = models.add_parser("pin", help="record the SHA-256 of every file of an installed bundle in its manifest")
+    m.add_argument("name", help="bundle name or path")
+    m = models.add_parser("sign", help="sign a pinned bundle's manifest with an Ed25519 private key")
+    m.add_argument("name", help="bundle name or path")
+    m.add_argument("--key", type=Path, required=True, help="PEM private key (openssl genpkey -algorithm ed25519)")
+    m = models.add_parser("build", help="prebuild/cache the engine (TensorRT plan) and warm it up")
+    m.add_argument("name", help="bundle name or path")
+    m.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     m = models.add_parser("import", help="make a bundle from an operator-downloaded checkpoint")
     m.add_argument("kind", help="torchxrayvision, dinov2 or open_clip")
     m.add_argument("source", type=Path, help="checkpoint file or folder")
@@ -401,15 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="importer-specific option, e.g. prompts=prompts.json")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("synth", help="turn NIH ChestX-ray14 PNGs into DICOM CR/DX files")
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--labels", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--limit", type=int)
+    p = _command(sub, "synth", "make test DICOM files from NIH ChestX-ray14 PNG images", cmd_synth)
+    p.add_argument("--images", type=Path, required=True, help="folder of the NIH PNGs")
+    p.add_argument("--labels", type=Path, required=True, help="the NIH labels CSV")
+    p.add_argument("--out", type=Path, required=True, help="folder for the DICOM files")
+    p.add_argument("--limit", type=int, help="at most N images")
     p.add_argument("--modality", choices=["CR", "DX"], default="CR")
     p.add_argument("--transfer-syntax", default="explicit", choices=["explicit", "j2k", "rle", "jpegls"])
     p.add_argument("--same-study", action="store_true", help="all images in one study of one patient")
-    p.set_defaults(func=cmd_synth)
     heads_cli.register(sub)
     audit_cli.register(sub)
     return parser

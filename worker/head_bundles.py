@@ -28,12 +28,14 @@ def write_bundle(settings: Settings, bundle: Any, finding: str, doc: dict[str, A
     the same name from an earlier version is replaced. The version defaults to
     ``<base version>+head.<finding>.<n>``, the first n not installed. ``golden.npz`` keeps the
     encoder's reference inputs, embeddings and maps; its probabilities gain one column per head,
-    computed from the reference embeddings, so the parity gate checks the heads too.
+    computed from the reference embeddings, so the parity gate checks the heads too. The new
+    version is pinned and unsigned: with trusted keys required, sign it before it serves.
     """
     from engines import load_bundle
     from engines.bundle import MANIFEST
     from engines.heads.serving import apply_heads, served_heads
     from engines.parity import golden
+    from engines.pins import pin
 
     name = f"{finding} (head)" if finding in {f.name for f in bundle.findings} else finding
     coded = sr_code(bundle, finding, code)
@@ -51,6 +53,7 @@ def write_bundle(settings: Settings, bundle: Any, finding: str, doc: dict[str, A
     shutil.copytree(bundle.path, staging)
     np.savez(staging / manifest["files"]["golden"], **{f"input_{i}": x for i, x in enumerate(inputs)}, **reference)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    pin(staging)  # the copy's own pins; a signature of the base bundle no longer applies
     load_bundle(staging)  # refuses a head whose encoder identity differs
     staging.rename(target)
     return target

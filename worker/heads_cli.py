@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,18 @@ def _dataset(args: argparse.Namespace, table: LabelTable) -> dict[str, Any]:
             "source": "ledger embeddings (unit length)" if getattr(args, "from_ledger", False) else "images"}
 
 
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where progress lines go: stdout with the text, stderr under ``--json`` (stdout holds the document)."""
+    return (lambda message: print(message, file=sys.stderr)) if args.json else print
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    print(json.dumps(document, indent=2))
+
+
 def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
-    """Per-finding AUC (bootstrap CI), ROC PNGs and summary.json for a bundle over labelled images."""
+    """Per-finding AUC (bootstrap CI), ROC PNGs and summary.json for a bundle over labelled images;
+    ``--json`` prints summary.json's document."""
     from engines.demo.crossval import auc_summary
     from engines.demo.metrics import roc_curve
     from engines.heads.plots import roc_png
@@ -43,7 +54,7 @@ def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     table = read_labels(args.labels, args.images, args.image_column, args.patient_column)
-    bundle, _, probs = embed(settings, args.model, args.backend, table, out / CACHE)
+    bundle, _, probs = embed(settings, args.model, args.backend, table, out / CACHE, _progress(args))
     findings, skipped = {}, {}
     for j, spec in enumerate(bundle.findings):
         y = table.labels(spec.name)
@@ -69,6 +80,9 @@ def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
                "method": "AUC over all labelled images with percentile-bootstrap 95% CI (2000 resamples); "
                          "sensitivity/specificity at the bundle's own threshold"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        _print_json(summary)
+        return
     for name, f in findings.items():
         print(f"{name}: AUC {f['auc']:.3f} {f['auc_ci95']} ({f['n_positive']}/{f['n']} positive)")
     for name, why in skipped.items():
@@ -90,12 +104,14 @@ def _head_inputs(settings: Settings, args: argparse.Namespace):  # type: ignore[
         raise ValueError(f"{args.finding!r}: need at least 2 positives and 2 negatives, have {int(y.sum())}/{len(y)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not getattr(args, "from_ledger", False):
-        bundle, x, _ = embed(settings, args.model or "demo", args.backend, table, args.cache or args.out / CACHE)
+        bundle, x, _ = embed(settings, args.model or "demo", args.backend, table, args.cache or args.out / CACHE,
+                             _progress(args))
     return table, y, bundle, x
 
 
 def cmd_heads_train(settings: Settings, args: argparse.Namespace) -> None:
-    """Cross-validate, then fit on everything and write ``head-FINDING.json`` and ``roc-FINDING.png``."""
+    """Cross-validate, then fit on everything and write ``head-FINDING.json`` and ``roc-FINDING.png``;
+    ``--json`` prints the cross-validation, the operating point and what was written."""
     from engines.demo.metrics import roc_curve
     from engines.heads import cross_validate, fit_logistic, head_document, operating_point
     from engines.heads.plots import roc_png
@@ -128,19 +144,32 @@ def cmd_heads_train(settings: Settings, args: argparse.Namespace) -> None:
     roc_png({args.finding: (fpr, tpr, f"AUC {summary['auc']:.3f} {summary['auc_ci95']} (out-of-fold)")},
             args.out / f"roc-{name}.png", f"{args.finding} head on {bundle.name} {bundle.version} embeddings",
             points={args.finding: (1 - point.specificity, point.sensitivity)})
-    print(f"{args.finding}: cross-validated AUC {summary['auc']:.3f} {summary['auc_ci95']} "
-          f"({summary['n_positive']}/{summary['n']} positive, {args.folds} patient-level folds)")
-    print(f"threshold {point.threshold:.4f} ({point.rule}): sensitivity {point.sensitivity:.3f}, "
-          f"specificity {point.specificity:.3f}")
-    print(f"wrote {args.out / f'head-{name}.json'} and {args.out / f'roc-{name}.png'}")
-    if args.write_bundle:
-        target = write_bundle(settings, bundle, args.finding, doc, args.version, args.code)
-        print(f"installed bundle version {json.loads((target / 'manifest.json').read_text())['version']} "
-              f"at {target}; serve it with PLEURA_MODEL={target.name} and restart pleura serve/worker")
+    if not args.json:
+        print(f"{args.finding}: cross-validated AUC {summary['auc']:.3f} {summary['auc_ci95']} "
+              f"({summary['n_positive']}/{summary['n']} positive, {args.folds} patient-level folds)")
+        print(f"threshold {point.threshold:.4f} ({point.rule}): sensitivity {point.sensitivity:.3f}, "
+              f"specificity {point.specificity:.3f}")
+        print(f"wrote {args.out / f'head-{name}.json'} and {args.out / f'roc-{name}.png'}")
+    installed = _installed(write_bundle(settings, bundle, args.finding, doc, args.version, args.code)) \
+        if args.write_bundle else None
+    if args.json:
+        _print_json({"finding": args.finding, "bundle": _identity(bundle), "cross_validation": summary,
+                     "operating_point": point.as_dict(), "head": str(args.out / f"head-{name}.json"),
+                     "roc_png": str(args.out / f"roc-{name}.png"), "installed_bundle": installed})
+    elif installed:
+        print(f"installed bundle version {installed['version']} at {installed['path']}; serve it with "
+              f"PLEURA_MODEL={installed['name']} and restart pleura serve/worker")
+
+
+def _installed(target: Path) -> dict[str, str]:
+    """The bundle version written at ``target``: its directory name (for PLEURA_MODEL), version, path."""
+    return {"name": target.name, "version": json.loads((target / "manifest.json").read_text())["version"],
+            "path": str(target)}
 
 
 def cmd_heads_zero_shot(settings: Settings, args: argparse.Namespace) -> None:
-    """Install a new version of a language-aligned bundle with a finding scored from text prompts."""
+    """Install a new version of a language-aligned bundle with a finding scored from text prompts;
+    ``--json`` prints the finding, its prompts and threshold, and the bundle installed."""
     from worker.models import bundle as find_bundle
 
     bundle = find_bundle(settings, args.model or settings.model)
@@ -148,6 +177,11 @@ def cmd_heads_zero_shot(settings: Settings, args: argparse.Namespace) -> None:
                                args.code, args.threshold)
     manifest = json.loads((target / "manifest.json").read_text())
     spec = next(f for f in manifest["findings"] if f["name"] == args.finding)
+    if args.json:
+        _print_json({"finding": args.finding, "scoring": manifest["architecture"]["scoring"],
+                     "positive": args.positive, "negative": args.negative, "threshold": spec["threshold"],
+                     "installed_bundle": _installed(target)})
+        return
     print(f"{args.finding}: zero-shot ({manifest['architecture']['scoring']} scoring) from {len(args.positive)} "
           f"positive and {len(args.negative)} negative prompt(s), threshold {spec['threshold']}")
     print(f"installed bundle version {manifest['version']} at {target}; check it on labelled images with "
@@ -161,7 +195,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def cmd_heads_curve(settings: Settings, args: argparse.Namespace) -> None:
-    """Learning curve: ``curve-FINDING.json`` and ``.png``."""
+    """Learning curve: ``curve-FINDING.json`` and ``.png``; ``--json`` prints the curve's document."""
     from engines.heads import learning_curve
     from engines.heads.plots import curve_png
 
@@ -173,6 +207,9 @@ def cmd_heads_curve(settings: Settings, args: argparse.Namespace) -> None:
     (args.out / f"curve-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     curve_png({args.finding: curve}, args.out / f"curve-{name}.png",
               f"{args.finding}: head on {bundle.name} {bundle.version} embeddings")
+    if args.json:
+        _print_json(result)
+        return
     for p in curve["points"]:
         print(f"n={p['n_labelled_mean']:g}: AUC {p['auc_mean']:.3f} +- {p['auc_std']:.3f} ({p['draws']} draws)")
     print(f"wrote {args.out / f'curve-{name}.json'} and .png")
@@ -196,6 +233,7 @@ def _head_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--l2", type=float, default=1.0, help="L2 penalty on standardised features (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    _json_option(p)
 
 
 def _guarded(func):  # type: ignore[no-untyped-def]
@@ -210,15 +248,26 @@ def _guarded(func):  # type: ignore[no-untyped-def]
     return run
 
 
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the results as a JSON document instead of text")
+
+
+def _command(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``heads`` to the ``pleura`` subcommands."""
-    p = sub.add_parser("eval", help="run a bundle over labelled images: AUCs with CIs, ROC PNGs, JSON")
+    p = _command(sub, "eval", "measure a model on labelled images (AUC, ROC plots)")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("pleura-eval"))
+    p.add_argument("--out", type=Path, default=Path("pleura-eval"),
+                   help="folder for summary.json and the ROC PNGs (default pleura-eval)")
+    _json_option(p)
     p.set_defaults(func=_guarded(cmd_eval))
-    p = sub.add_parser("heads", help="heads on a bundle's embeddings: train, curve, zero-shot")
+    p = _command(sub, "heads", "train or add finding classifiers on a model's embeddings")
     heads = p.add_subparsers(dest="action", required=True)
-    h = heads.add_parser("train", help="logistic head, patient-level CV AUC, ROC, threshold, head file")
+    h = _command(heads, "train", "train a logistic head: patient-level cross-validated AUC, ROC plot, threshold, "
+                                 "head file")
     _head_options(h, required=False)
     h.add_argument("--from-ledger", action="store_true",
                    help="use the embeddings the worker archived; labels keyed by StudyInstanceUID or SOPInstanceUID")
@@ -229,13 +278,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--target-sensitivity", type=float, help="default 0.9 unless a specificity is given")
     target.add_argument("--target-specificity", type=float)
     h.set_defaults(func=_guarded(cmd_heads_train))
-    h = heads.add_parser("curve", help="AUC against the number of labelled images (PNG + JSON)")
+    h = _command(heads, "curve", "how AUC grows with the number of labelled images (PNG + JSON)")
     _head_options(h)
     h.add_argument("--sizes", default="10,25,50,100,200,all")
     h.add_argument("--repeats", type=int, default=20)
     h.set_defaults(func=_guarded(cmd_heads_curve))
-    h = heads.add_parser("zero-shot", help="new bundle version with a finding scored from text prompts "
-                                           "(language-aligned bundles)")
+    h = _command(heads, "zero-shot", "install a new bundle version with a finding scored from text prompts "
+                                     "(language-aligned bundles)")
     h.add_argument("--model", help="bundle name or path (default: PLEURA_MODEL)")
     h.add_argument("--finding", required=True, help="finding name; an existing one is re-prompted")
     h.add_argument("--positive", action="append", required=True, help="prompt for the finding (repeatable)")
@@ -243,4 +292,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--threshold", type=float, help="operating threshold (default 0.5, or the finding's own)")
     h.add_argument("--version", help="version of the new bundle (default <version>+zs.<finding>.<n>)")
     h.add_argument("--code", help="VALUE,SCHEME,MEANING: SR code of a finding the bundle does not have")
+    _json_option(h)
     h.set_defaults(func=_guarded(cmd_heads_zero_shot))

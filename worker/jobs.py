@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
 import structlog
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.ledger import Attempt, Job, Study
@@ -20,6 +21,12 @@ from worker.observability.metrics import observe_stage
 from worker.recovery import owner
 
 log = structlog.get_logger(__name__)
+
+#: ``attempts.outcome`` (at most 16 characters) of an attempt that a ledger outage ended, not charged.
+LEDGER_DOWN = "LEDGER_DOWN"
+#: SQLSTATEs (prefixes) of a server that cannot be reached or dropped us: connection exception,
+#: administrator or crash shutdown, cannot connect now, too many connections.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 
 
 class LeaseLost(RuntimeError):
@@ -102,8 +109,8 @@ def _fail_study(s: Session, job: Job, reason: str) -> None:
 def previous_attempt_died(ledger: Ledger, job_id: int) -> bool:
     """True when the job's latest attempt never finished: its worker may have been killed by it."""
     with ledger.session() as s:
-        latest = s.scalars(select(Attempt).where(Attempt.job_id == job_id)
-                           .order_by(Attempt.number.desc()).limit(1)).first()
+        latest = s.scalars(select(Attempt).where(Attempt.job_id == job_id)  # numbers repeat after give_back
+                           .order_by(Attempt.id.desc()).limit(1)).first()
         return latest is not None and latest.finished_at is None
 
 
@@ -169,9 +176,68 @@ def fail(ledger: Ledger, job_id: int, attempt_id: int, error: str, max_attempts:
             job.state, job.finished_at = JobState.FAILED, now
             _fail_study(s, job, error)
             return False
-        job.state, job.published_at, job.lease_owner = JobState.QUEUED, None, None
-        record(s, "job_retry", study_id=job.study_id, job_id=job.id, attempts=job.attempts, error=error[:500])
+        _requeue(s, job, error=error[:500])
         return True
+
+
+def _requeue(s: Session, job: Job, **detail: object) -> None:
+    """QUEUED again, unpublished and without a lease: the sweeper publishes it again."""
+    job.state, job.published_at, job.lease_owner = JobState.QUEUED, None, None
+    record(s, "job_retry", study_id=job.study_id, job_id=job.id, attempts=job.attempts, **detail)
+
+
+def ledger_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the ledger could not be reached or dropped the connection.
+
+    An error the server answered with (a statement timeout, a deadlock, a full disk) is no outage:
+    the study may cause it again, so it is charged like any failure.
+    """
+    if isinstance(exc, InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)  # psycopg2, psycopg 3
+    return code is None or code.startswith(_OUTAGE_SQLSTATES)
+
+
+def give_back(ledger: Ledger, job_id: int, attempt_id: int, error: BaseException, within: float) -> None:
+    """Finish an attempt that a ledger outage (:func:`ledger_unreachable`) ended, without charging it.
+
+    Tried again while the ledger stays unreachable, 0.5 s apart doubling to 5 s, for ``within``
+    seconds (the lease's length). The attempt ends ``LEDGER_DOWN``; while this worker still holds
+    the lease the job gets the attempt back and is QUEUED again (a ``job_retry`` event with
+    ``charged=False``). When the ledger does not answer in time, or the worker is killed first,
+    the attempt stays open and charged and the lease-expiry path applies: the sweeper re-publishes
+    the job, and the claim after the last attempt quarantines it.
+    """
+    kind = type(error).__name__
+    message = str(getattr(error, "orig", error)).partition("\n")[0]  # the driver's words, not the SQL
+    deadline, pause = time.monotonic() + within, 0.5
+    while True:
+        try:
+            _give_back(ledger, job_id, attempt_id, f"ledger unreachable: {kind}: {message}", kind)
+            return
+        except SQLAlchemyError as exc:
+            left = deadline - time.monotonic()
+            if not ledger_unreachable(exc) or left <= 0:
+                log.warning("attempt not recorded; its lease will expire", job_id=job_id, error=type(exc).__name__)
+                return
+        log.warning("ledger unreachable; retrying to give the attempt back", job_id=job_id,
+                    retry_in_s=round(min(pause, left), 2))
+        time.sleep(min(pause, left))  # the last try at the deadline
+        pause = min(2 * pause, 5.0)
+
+
+def _give_back(ledger: Ledger, job_id: int, attempt_id: int, error: str, kind: str) -> None:
+    with ledger.session() as s:
+        job = s.get(Job, job_id, with_for_update=True)  # a claim of another worker decides first
+        attempt = s.get(Attempt, attempt_id)
+        assert job is not None and attempt is not None
+        attempt.finished_at, attempt.outcome, attempt.error = utcnow(), LEDGER_DOWN, error[:2000]
+        if job.lease_owner != owner() or job.state != JobState.RUNNING:
+            return
+        job.attempts -= 1
+        _requeue(s, job, charged=False, error=kind)
 
 
 def renew(ledger: Ledger, job_id: int, lease_seconds: float) -> bool:

@@ -17,20 +17,56 @@ from typing import Any
 
 import structlog
 
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+def _span(quote: str) -> str:
+    """A span opened by ``quote`` up to the next ``quote`` that ends a word, or the end of the line.
+
+    Inside, a backslash escapes a character and a quote followed by a letter (``O'BRIEN``) is text.
+    """
+    return rf"{quote}(?:\\.|[^{quote}\\\n]|{quote}(?=\w))*(?:{quote}(?!\w)|$)"
+
+
+# An opening quote starts a word (or follows a bytes repr's ``b``): ``auto's`` opens nothing.
+_QUOTED = re.compile(r"(?:(?<!\w)|(?<=(?<!\w)b))(?:" + _span("'") + "|" + _span('"') + ")", re.MULTILINE)
+_FRAME = re.compile(r'  File "[^"\n]*", line \d+, in \S+')  # a traceback's frame header: code, not data
+_OWN = ("engines", "worker", "dicom_node")  # Pleura's packages
 FORMATS = ("auto", "json", "console")
 
 
 class WithholdQuotedValues(logging.Filter):
-    """Libraries quote the values they complain about (pydicom: ``Invalid value for VR PN: '...'``),
-    and those values may be patient identifiers: every quoted span of a stdlib record is withheld."""
+    """Withholds the quoted spans of standard-library records that could hold patient values.
+
+    - A message from a third-party logger (pydicom, pynetdicom, highdicom, ``py.warnings``,
+      Celery, SQLAlchemy...) has every quoted span replaced by ``'<withheld>'``: libraries quote
+      the values they complain about (pydicom: ``Invalid value for VR PN: 'DOE^JANE'``) and
+      SQLAlchemy quotes bound parameters.
+    - A message from Pleura's own packages (``engines``, ``worker``, ``dicom_node``) is kept as
+      written: Pleura never logs patient values, and ``engines`` never sees DICOM attributes.
+    - A traceback, whoever logged it, has its quoted spans withheld (an exception's text is
+      written by whichever library raised it), except its ``File "...", line N, in f`` headers.
+
+    A quote opens a span only at the start of a word (or after a bytes repr's ``b``), so a
+    possessive or contraction (``auto's``, ``can't``) opens nothing; a span opened and not
+    closed on its line is withheld to the end of the line.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _QUOTED.sub("'<withheld>'", record.getMessage()), ()
+        if not _is_own(record.name):
+            record.msg, record.args = _withheld(record.getMessage()), ()
         if record.exc_info:
-            record.exc_text = _QUOTED.sub("'<withheld>'", logging.Formatter().formatException(record.exc_info))
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = "\n".join(
+                line if _FRAME.fullmatch(line) else _withheld(line) for line in text.splitlines())
             record.exc_info = None  # never rendered again from the exception itself
         return True
+
+
+def _is_own(name: str) -> bool:
+    return name.split(".", 1)[0] in _OWN
+
+
+def _withheld(text: str) -> str:
+    return _QUOTED.sub("'<withheld>'", text)
 
 
 class _CurrentStderr:

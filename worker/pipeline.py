@@ -40,7 +40,17 @@ from engines import Engine
 from engines.batching import DynamicBatcher
 from worker import eligibility
 from worker.embeddings import EmbeddingArchive
-from worker.jobs import Isolation, LeaseKeeper, LeaseLost, claim, fail, previous_attempt_died, still_owned
+from worker.jobs import (
+    Isolation,
+    LeaseKeeper,
+    LeaseLost,
+    claim,
+    fail,
+    give_back,
+    ledger_unreachable,
+    previous_attempt_died,
+    still_owned,
+)
 from worker.ledger import Attempt, Delivery, Finding, Instance, Job, OutputObject, Study
 from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
@@ -107,7 +117,11 @@ def _claim_and_process(rt: Runtime, job_id: int) -> list[tuple[str, int]]:
             return _process(rt, job_id, attempt_id)
     except LeaseLost:
         log.warning("lease lost; results dropped", job_id=job_id)
-    except Exception as exc:  # any failure is recorded against the attempt
+    except Exception as exc:  # recorded against the attempt, which a ledger outage does not charge
+        if ledger_unreachable(exc):
+            log.warning("ledger unreachable; attempt given back", job_id=job_id, error=type(exc).__name__)
+            give_back(rt.ledger, job_id, attempt_id, exc, rt.settings.lease_seconds)
+            return []
         log.exception("job failed", job_id=job_id)
         try:
             fail(rt.ledger, job_id, attempt_id, f"{type(exc).__name__}: {exc}", rt.settings.max_attempts)
@@ -370,15 +384,16 @@ def _build_not_analysed(
 
 
 def _algorithm(engine: Engine) -> tuple[Algorithm, tuple[str, str, str]]:
-    """What the result objects say produced them, and the parts of their UIDs that name the
-    model (its weights, not just its label)."""
+    """What the result objects say produced them (with the trusted key that signed the bundle, when
+    signatures are required), and the parts of their UIDs that name the model (its weights, not just its label)."""
     bundle = engine.bundle
     algorithm = Algorithm(
         name=bundle.name,
         manufacturer=eligibility.OWN_MANUFACTURER,
         version=bundle.version,
         software_version=__version__,
-        parameters={"model_sha256": bundle.model_sha256[:16]},
+        parameters={"model_sha256": bundle.model_sha256[:16],
+                    **({"signer_key": bundle.signer} if bundle.signer else {})},
     )
     return algorithm, (bundle.name, bundle.version, bundle.model_sha256[:16])
 

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     #: interpretation, undecodable pixels) gets a not-analysed SR saying so; false: nothing.
     notify_not_analysed: bool = True
     model: str = "demo"
+    #: PEM Ed25519 public keys (comma-separated paths): set, only bundles signed by one of them load
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     models_dir: Path | None = None
     backend: str = "auto"
     worker_concurrency: int = Field(4, ge=1)
@@ -109,6 +111,9 @@ class Settings(BaseSettings):
     #: with ``storage`` database: C-STORE answers 0xA700 once the ledger's database is this large (MB)
     max_database_mb: int | None = Field(None, gt=0)
     min_free_disk_mb: int = 500
+    #: a Deflated Explicit VR Little Endian data set that inflates beyond this (MiB) is refused with 0xC000
+    #: before it is read (dicom_node.deflate): a deflate bomb never fills the listener's memory
+    max_inflated_mb: int = Field(512, gt=0)
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1)
     listen_processes: int = Field(1, ge=1)
@@ -142,6 +147,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_notify_fhir(cls, value: Any) -> list[str]:
         return [fhir_base(i) for i in _items(value)]
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _parse_trusted_keys(cls, value: Any) -> list[Path]:
+        return [Path(i.strip()) if isinstance(i, str) else i for i in _items(value)]
 
     @field_validator("triage_findings", mode="before")
     @classmethod

@@ -235,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(data: Path, out: Path) -> None:
-    """Draw ``roc.png`` and regenerate ``MODEL_CARD.md`` in ``out`` from its crossval.json and manifest."""
+    """Draw ``roc.png`` and regenerate ``MODEL_CARD.md`` in ``out`` from its crossval.json and manifest,
+    then pin the bundle's files again."""
     from engines.demo import card
     from engines.demo import train as recipe
+    from engines.pins import pin
 
     result = json.loads((out / "crossval.json").read_text())
     with open(data / "labels.csv", newline="") as f:
@@ -260,6 +262,7 @@ def render(data: Path, out: Path) -> None:
         title=f"Demo model, {result['folds']}-fold cross-validated ROC (not for clinical use)",
     )
     card.write_card(out)
+    pin(out)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def manifest(
     embedding_dim: int,
     stride: int,
 ) -> dict[str, Any]:
-    """The bundle manifest; :func:`engines.importers.writer.write_manifest` fills ``files`` and ``sha256``."""
+    """The bundle manifest; :func:`engines.importers.writer.write_manifest` fills ``files`` and ``pins``."""
     return {
         "schema_version": SCHEMA_VERSION,
         "name": NAME,

@@ -9,7 +9,6 @@ the ONNX graph is checked against them before :func:`write_bundle` returns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from engines.backends.base import OUTPUT_NAMES
 from engines.backends.ort import INPUT_NAME
 from engines.backends.pytorch import TorchBackend
 from engines.bundle import MANIFEST, load_bundle
+from engines.pins import pin
 from engines.preprocess import resize
 from engines.runtime import Engine, load
 
@@ -76,20 +76,17 @@ def export_onnx(model: torch.nn.Module, path: Path, size: Sequence[int]) -> None
 
 
 def write_manifest(out: Path, manifest: dict[str, Any], model_card: str | None = None) -> dict[str, Any]:
-    """Write ``manifest`` with its ``files`` and per-file ``sha256`` filled in, and the model card.
+    """Write ``manifest`` with its ``files`` filled in and the model card, then pin every file
+    of ``out`` (:func:`engines.pins.pin`).
 
     ``model_card`` is the card's Markdown; by default a minimal card is drawn from the manifest.
     Returns the manifest as written.
     """
-    manifest = {**manifest, "files": {**manifest.get("files", {}), **FILES}}
-    manifest["sha256"] = {
-        name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-        for role, name in FILES.items()
-        if role != "model_card"
-    }
+    manifest = {key: value for key, value in manifest.items() if key not in ("sha256", "pins")}
+    manifest["files"] = {**manifest.get("files", {}), **FILES}
     (out / FILES["model_card"]).write_text(model_card if model_card is not None else minimal_card(manifest))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return {**manifest, "pins": pin(out)}
 
 
 def write_bundle(
@@ -102,7 +99,7 @@ def write_bundle(
 ) -> Path:
     """Write ``model`` as a bundle in ``out`` and return ``out``.
 
-    ``manifest`` is complete but for ``files`` and ``sha256``, which are filled in. Golden inputs
+    ``manifest`` is complete but for ``files`` and ``pins``, which are filled in. Golden inputs
     default to :func:`synthetic_inputs`. Raises :class:`engines.ParityError` if the exported
     ONNX graph does not reproduce the reference outputs within the manifest's tolerance.
     """

@@ -54,7 +54,6 @@ def add_finding(bundle: Bundle, out: Path, *, finding: dict[str, Any], positive:
     model = build(architecture, len(findings))
     model.load_state_dict(state)
     manifest = copy.deepcopy(bundle.manifest)
-    manifest.pop("sha256", None)
     manifest.update(version=version, findings=findings, derived_from={
         "name": bundle.name, "version": bundle.version, "model_sha256": bundle.model_sha256,
         "zero_shot_finding": finding["name"]})

@@ -10,6 +10,7 @@ import pytest
 
 from engines import Bundle, ParityError
 from engines.build import _forwarded, build
+from engines.pins import pin
 
 
 def test_build_loads_gates_and_warms_up(demo: Bundle) -> None:
@@ -37,6 +38,7 @@ def test_build_refuses_a_bundle_that_fails_parity(demo_copy: Path) -> None:
         arrays = {k: data[k] for k in data.files}
     arrays["probabilities"] = arrays["probabilities"] + 0.1
     np.savez(golden, **arrays)
+    pin(demo_copy)
     with pytest.raises(ParityError, match="fails the parity gate"):
         build(demo_copy, backend="onnxruntime", warmup_batches=(1,))
 

@@ -9,6 +9,7 @@ import pytest
 
 from engines import Bundle, BundleError, FindingSpec, load, load_bundle
 from engines.bundle import hash_files
+from engines.pins import pin
 
 
 def _edit_manifest(path: Path, edit) -> None:
@@ -47,6 +48,7 @@ def test_load_by_path_equals_builtin_and_hash_is_stable(demo: Bundle, demo_copy:
     copy = load_bundle(demo_copy)
     assert copy.sha256 == demo.sha256 == hash_files(demo.path)
     (demo_copy / "MODEL_CARD.md").write_text("changed")
+    pin(demo_copy)
     assert load_bundle(demo_copy).sha256 != demo.sha256
 
 
@@ -98,10 +100,12 @@ def test_model_hash_follows_weights_and_thresholds_not_the_card(tmp_path) -> Non
     import shutil
 
     from engines.bundle import BUILTIN_DIR, load_bundle
+    from engines.pins import pin
 
     original = load_bundle("demo").model_sha256
     copy = shutil.copytree(BUILTIN_DIR / "demo", tmp_path / "demo")
     (copy / "MODEL_CARD.md").write_text("edited card")
+    pin(copy)
     assert load_bundle(copy).model_sha256 == original
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["findings"][0]["threshold"] = 0.9

@@ -12,6 +12,7 @@ import pytest
 from engines import Bundle, BundleError, load, load_bundle
 from engines.heads import HEAD_SCHEMA
 from engines.parity import golden
+from engines.pins import pin
 
 
 def _add_head(path: Path, demo: Bundle, encoder_sha256: str, weights: np.ndarray, bias: float) -> None:
@@ -30,6 +31,7 @@ def _add_head(path: Path, demo: Bundle, encoder_sha256: str, weights: np.ndarray
     column = 1 / (1 + np.exp(-(unit.astype(np.float64) @ weights + bias)))
     ref["probabilities"] = np.concatenate([ref["probabilities"], column[:, None].astype(np.float32)], axis=1)
     np.savez(path / "golden.npz", **{f"input_{i}": x for i, x in enumerate(inputs)}, **ref)
+    pin(path)
 
 
 def test_head_is_served_after_the_encoder_findings(demo: Bundle, demo_copy: Path) -> None:
@@ -67,5 +69,6 @@ def test_changed_encoder_weights_change_the_encoder_identity(demo: Bundle, demo_
     _add_head(demo_copy, demo, demo.encoder_sha256, weights, 0.0)
     onnx = demo_copy / demo.manifest["files"]["onnx"]
     onnx.write_bytes(onnx.read_bytes() + b"\0")
+    pin(demo_copy)
     with pytest.raises(BundleError, match="was trained on encoder"):
         load_bundle(demo_copy)

@@ -18,6 +18,7 @@ import torch
 
 from engines import ParityError, load
 from engines.importers import import_model
+from engines.pins import pin
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -106,5 +107,6 @@ def test_tampered_weights_fail_the_gate(bundle_dir: Path, tmp_path: Path) -> Non
     state = torch.load(copy / "weights.pt", weights_only=True)
     state["head.bias"] += 1.0
     torch.save(state, copy / "weights.pt")
+    pin(copy)
     with pytest.raises(ParityError, match="parity gate"):
         load(copy, "torch")

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from engines import Bundle, Engine, ParityError, load, load_bundle
 from engines.backends import auto_order
 from engines.parity import golden
+from engines.pins import pin
 
 
 def test_onnxruntime_and_torch_agree_on_golden_inputs(demo: Bundle, ort_engine: Engine, torch_engine: Engine) -> None:
@@ -39,6 +40,7 @@ def test_tampered_reference_is_refused(demo_copy: Path) -> None:
         arrays = dict(data)
     arrays["probabilities"] = np.clip(arrays["probabilities"] + 0.05, 0, 1)
     np.savez_compressed(path, **arrays)
+    pin(demo_copy)  # re-pinned: the parity gate is the line behind the pins
     with pytest.raises(ParityError) as info:
         load(load_bundle(demo_copy), backend="onnxruntime")
     message = str(info.value)
@@ -53,6 +55,7 @@ def test_tampered_onnx_weights_are_refused(demo_copy: Path) -> None:
     weights = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.01, weights.name))
     onnx.save(model, str(path))
+    pin(demo_copy)
     with pytest.raises(ParityError, match="onnxruntime:CPUExecutionProvider.*EXCEEDS tolerance"):
         load(demo_copy, backend="onnxruntime")
     assert load(demo_copy, backend="torch").parity.passed  # torch weights untouched
@@ -70,6 +73,7 @@ def test_auto_falls_back_when_first_backend_fails(demo_copy: Path) -> None:
     weights = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.01, weights.name))
     onnx.save(model, str(path))
+    pin(demo_copy)
     if auto_order()[0] != "onnxruntime":
         pytest.skip("auto prefers torch on this machine")
     assert load(demo_copy).backend == "torch:cpu"

@@ -17,6 +17,7 @@ import torch
 
 from engines import BundleError, load, load_bundle
 from engines.importers.zero_shot_finding import add_finding
+from engines.pins import pin
 from engines.text import NoTextEncoder, text_encoder
 from engines.zero_shot import prompt_embedding
 from tests.engines.aligned_pair import NEGATIVE, SCALE, U, images, write_aligned_bundle
@@ -102,5 +103,6 @@ def test_bundles_without_a_usable_text_side_are_refused(aligned: dict[str, Path]
     manifest["text_encoder"]["kind"] = "all-minilm-l6-v2"
     (broken / "manifest.json").write_text(json.dumps(manifest))
     np.save(broken / "text_projection.npy", np.zeros((4, 10), np.float32))
+    pin(broken)
     with pytest.raises(BundleError, match=r"shape \(4, 10\); expected finite \(4, 384\)"):
         text_encoder(load_bundle(broken))

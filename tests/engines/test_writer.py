@@ -41,7 +41,8 @@ def test_files_hashes_and_golden_inputs(written: tuple[Path, torch.nn.Module]) -
     out, model = written
     bundle = engines.load_bundle(out)
     assert bundle.manifest["files"] == FILES
-    for name, digest in bundle.manifest["sha256"].items():
+    assert set(bundle.manifest["pins"]) == set(FILES.values()) and bundle.pinned
+    for name, digest in bundle.manifest["pins"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     with np.load(bundle.file("golden")) as golden:
         for i, image in enumerate(synthetic_inputs()):
