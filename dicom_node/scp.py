@@ -86,8 +86,9 @@ REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation),
 #: Largest inflated size of a Deflated Explicit VR Little Endian data set, by default (bytes).
 DEFAULT_MAX_INFLATED_BYTES = 512 * 2**20
 
-#: Header attributes the application gets with each instance (no PHI among them).
-_HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+#: Header attributes the application gets with each instance (no patient names, IDs or birth dates;
+#: the accession number is how a RIS names the study, and the application stores only its hash).
+_HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "AccessionNumber")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class StoredInstance:
     path: str
     size: int
     sha256: str
+    accession_number: str | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,7 @@ class StorageSCP:
             series_instance_uid=series_uid,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             modality=header.get("Modality") or None,
+            accession_number=str(header.get("AccessionNumber") or "").strip() or None,
             path=str(written.path),
             size=written.size,
             sha256=written.sha256,

@@ -5,21 +5,33 @@
   connection without an answer the first time it sees a control ID).
 - :class:`RawPeer`: a socket that answers whatever bytes it is given (garbage, half a frame).
 - :class:`FhirServer`: an HTTP server that keeps every POSTed body and answers a fixed status.
+
+And the RIS as it sends final reports to Pleura (issue 19): :func:`oru` and :func:`send_hl7` (the
+``hl7`` library's MLLP client; every ACK checked by hl7apy's strict validation),
+:func:`diagnostic_report` (validated for FHIR R4B) and :func:`post_fhir`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import hl7
 import hl7.mllp
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from hl7.client import MLLPClient
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
 
 from tests.support import free_port
 
@@ -162,3 +174,83 @@ class FhirServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+#: the bearer token the report tests give Pleura (PLEURA_REPORTS_TOKEN_FILE) and send
+TOKEN = "reports-token-for-the-test"
+
+
+def oru(control_id: str, *, app: str = "RIS", accession: str = "", uid: str = "", status: str = "F",
+        text: str = "Effusion.", kind: str = "ORU^R01^ORU_R01") -> str:
+    """An ORU^R01 as a RIS sends a final report: accession in OBR-18 (and OBR-3), study UID in ZDS-1."""
+    segments = [
+        f"MSH|^~\\&|{app}|HOSPITAL|PLEURA|PLEURA|20261203101500||{kind}|{control_id}|P|2.5.1",
+        "PID|1||RPT-0001^^^HOSPITAL||TEST^REPORTS",
+        f"ORC|RE|{accession}|{accession}",
+        f"OBR|1|{accession}|{accession}|71045^XR CHEST^CPT|||20261203093000|||||||||||{accession}||||"
+        f"20261203101000+0000||RAD|{status}",
+    ]
+    segments += [f"OBX|{n}|TX|18782-3^Radiology Study observation^LN||{line}||||||{status}"
+                 for n, line in enumerate([t for t in text.split("\n") if t], start=1)]
+    if uid:
+        segments.append(f"ZDS|{uid}^PACS^Application^DICOM")
+    return "\r".join(segments) + "\r"
+
+
+def send_hl7(port: int, message: str | bytes) -> hl7.Message | None:
+    """One message over a fresh MLLP connection; its ACK (validated), or None when closed unanswered."""
+    with MLLPClient("127.0.0.1", port) as client:
+        client.socket.settimeout(10)
+        answer = client.send_message(message)
+    if not answer:
+        return None
+    text = answer.decode().strip("\x0b\x1c\r")
+    assert parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
+    return hl7.parse(text)
+
+
+def msa(ack: hl7.Message | None) -> tuple[str, str, str]:
+    assert ack is not None, "no acknowledgment"
+    segment = ack.segment("MSA")
+    return str(segment(1)), str(segment(2)), str(segment(3)) if len(segment) > 3 else ""
+
+
+def diagnostic_report(status: str = "final", *, accession: str = "", uid: str = "", text: str = "",
+                      conclusion: str = "", rid: str | None = None) -> dict[str, Any]:
+    """A DiagnosticReport as a RIS posts it (validated for R4B): the accession on ``basedOn``, the study
+    UID on ``imagingStudy``, the text as a base64 ``presentedForm``."""
+    resource: dict[str, Any] = {
+        "resourceType": "DiagnosticReport", "status": status,
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "36643-5", "display": "XR Chest 2V"}]},
+        "issued": "2026-12-03T10:20:00+00:00",
+    }
+    if rid:
+        resource["id"] = rid
+    if accession:
+        resource["basedOn"] = [{"type": "ServiceRequest", "identifier": {
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "value": accession}}]
+    if uid:
+        resource["imagingStudy"] = [{"type": "ImagingStudy", "identifier": {
+            "system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}}]
+    if text:
+        resource["presentedForm"] = [{"contentType": "text/plain; charset=utf-8",
+                                      "data": base64.b64encode(text.encode()).decode()}]
+    if conclusion:
+        resource["conclusion"] = conclusion
+    DiagnosticReport.parse_obj(resource)
+    return resource
+
+
+def post_fhir(port: int, body: Any, token: str | None = TOKEN,
+              content_type: str = "application/fhir+json") -> tuple[int, dict[str, str], dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/fhir/DiagnosticReport", data=data,
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())

@@ -45,7 +45,9 @@ NOTIFICATIONS = _view("v_notifications", "notification_id", "study_id", "study_i
                       "protocol", "destination", "state", "triage", "control_id", "attempts", "peer_answer",
                       "last_error", "bundle_name", "bundle_version", "created_at", "released_at", "last_attempt_at",
                       "delivered_at", "notify_s", "result_to_notified_s")
-VIEWS = (SOURCES, TIMELINE, DELIVERIES, FAILURES, MODELS, EVENTS, NOTIFICATIONS)
+REPORTS = _view("v_reports", "report_id", "study_id", "study_instance_uid", "source", "status", "labeler", "labels",
+                "reported_at", "received_at", "matched_at", "superseded_at")
+VIEWS = (SOURCES, TIMELINE, DELIVERIES, FAILURES, MODELS, EVENTS, NOTIFICATIONS, REPORTS)
 
 # what ``--since``/``--until`` compare, and the newest-first order, per view
 TIME_COLUMN = {"timeline": TIMELINE.c.last_received_at, "deliveries": DELIVERIES.c.created_at,

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from worker import audit_cli, heads_cli
+from worker.monitor import cli as monitor_cli
 from worker.observability.endpoints import start_http
+from worker.reports import cli as reports_cli
 from worker.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -155,6 +157,23 @@ def _check_notify(settings: Settings, bundle: Bundle) -> None:
         sys.exit(f"error: PLEURA_NOTIFY_FHIR_TOKEN_FILE={token} is not a readable file")
 
 
+def _start_reports(rt):  # type: ignore[no-untyped-def]
+    """The intake of final reports from the RIS (worker.reports) and its MLLP listener (``PLEURA_HL7_PORT``);
+    (None, None) when neither HL7 nor FHIR (``PLEURA_REPORTS_TOKEN_FILE``) reports are on."""
+    from worker.reports import mllp, store
+
+    s = rt.settings
+    if s.reports_token_file is not None and not s.reports_token_file.is_file():
+        sys.exit(f"error: PLEURA_REPORTS_TOKEN_FILE={s.reports_token_file} is not a readable file")
+    if s.hl7_port is None and s.reports_token_file is None:
+        return None, None
+    try:
+        intake = store.open_intake(s, rt.ledger)
+        return intake, mllp.start(s, intake) if s.hl7_port is not None else None
+    except (ValueError, OSError) as exc:
+        sys.exit(f"error: cannot take final reports: {exc}")
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     """Everything in one process: SQLite, in-process Celery worker, listener, sweeper."""
     from celery.worker import WorkController
@@ -177,13 +196,16 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     _check_notify(settings, _model(rt))
     sweepers = _start_sweepers(rt)
     scp = _start_listener(rt, sweepers[0])
-    http = start_http(settings, rt, "serve")
+    reports, hl7 = _start_reports(rt)
+    http = start_http(settings, rt, "serve", reports)
     log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
              broker=settings.effective_broker_url.split("://")[0],
              destinations=[str(d) for d in settings.destinations])
     _wait_for_signal()
     if http:
         http.stop()
+    if hl7:
+        hl7.stop()
     for sweeper in sweepers:
         sweeper.stop()
     scp.stop()
@@ -213,10 +235,13 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     _require_schema(rt)
     sweepers = [] if args.no_sweeper else _start_sweepers(rt, periodic=not group.forked)
     scp = _start_listener(rt, sweepers[0] if sweepers else None, shared, spool)
-    http = None if group.forked else start_http(settings, rt, "listen")
+    reports, hl7 = (None, None) if group.forked else _start_reports(rt)
+    http = None if group.forked else start_http(settings, rt, "listen", reports)
     status = listener_processes.wait(group)
     if http:
         http.stop()
+    if hl7:
+        hl7.stop()
     for sweeper in sweepers:
         sweeper.stop()
     scp.stop()
@@ -465,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--same-study", action="store_true", help="all images in one study of one patient")
     heads_cli.register(sub)
     audit_cli.register(sub)
+    reports_cli.register(sub)
+    monitor_cli.register(sub)
     return parser
 
 

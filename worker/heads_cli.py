@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.head_bundles import install_zero_shot, slug, write_bundle
-from worker.labelled import CACHE, LabelTable, embed, ledger_table, read_labels
+from worker.labelled import CACHE, LabelTable, embed, ledger_table, read_labels, report_table
 from worker.settings import Settings
 
 
@@ -28,7 +28,9 @@ def _identity(bundle) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def _dataset(args: argparse.Namespace, table: LabelTable) -> dict[str, Any]:
-    return {"labels_csv": Path(args.labels).name, "n_images": len(table.names),
+    source = (f"final reports (uncertain: {args.uncertain}; rows left out: studies whose report is uncertain)"
+              if getattr(args, "labels_from_reports", False) else Path(args.labels).name)
+    return {"labels_csv": source, "n_images": len(table.names),
             "n_rows_without_image": table.n_missing, "n_patients": len(set(table.patients)),
             "patients": "patient column" if table.has_patients else "none given: grouped by study"
             if getattr(args, "from_ledger", False) else "none given: each image its own patient",
@@ -91,7 +93,13 @@ def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _head_inputs(settings: Settings, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    if getattr(args, "from_ledger", False):
+    if getattr(args, "labels_from_reports", False):
+        if not args.from_ledger or args.labels is not None:
+            raise ValueError("--labels-from-reports goes with --from-ledger and replaces --labels")
+        bundle, table, x = report_table(settings, args.model or settings.model, args.finding, args.uncertain)
+    elif args.labels is None:
+        raise ValueError("give --labels (or --from-ledger --labels-from-reports)")
+    elif getattr(args, "from_ledger", False):
         bundle, table, x = ledger_table(settings, args.model or settings.model, args.labels, args.patient_column)
     elif args.images is None:
         raise ValueError("give --images (or --from-ledger)")
@@ -99,7 +107,7 @@ def _head_inputs(settings: Settings, args: argparse.Namespace):  # type: ignore[
         table = read_labels(args.labels, args.images, args.image_column, args.patient_column)
     y = table.labels(args.finding)
     if y is None:
-        raise ValueError(f"{args.finding!r} is not labelled in {args.labels}")
+        raise ValueError(f"{args.finding!r} is not labelled in {args.labels or 'the reports'}")
     if y.sum() < 2 or (~y).sum() < 2:
         raise ValueError(f"{args.finding!r}: need at least 2 positives and 2 negatives, have {int(y.sum())}/{len(y)}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +225,7 @@ def cmd_heads_curve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--images", type=Path, required=required, help="folder of PNG/JPEG or DICOM images")
-    p.add_argument("--labels", type=Path, required=True, help="CSV keyed by image file name")
+    p.add_argument("--labels", type=Path, required=required, help="CSV keyed by image file name")
     p.add_argument("--model", default=None if not required else "demo",
                    help="bundle name or path (default: demo; with --from-ledger: PLEURA_MODEL)")
     p.add_argument("--backend", default="auto")
@@ -271,6 +279,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _head_options(h, required=False)
     h.add_argument("--from-ledger", action="store_true",
                    help="use the embeddings the worker archived; labels keyed by StudyInstanceUID or SOPInstanceUID")
+    h.add_argument("--labels-from-reports", action="store_true",
+                   help="with --from-ledger: label each study by its final report (worker.reports) instead of a CSV")
+    h.add_argument("--uncertain", choices=["exclude", "positive", "negative"], default="exclude",
+                   help="with --labels-from-reports: how an uncertain mention counts (default: left out)")
     h.add_argument("--write-bundle", action="store_true", help="install a new bundle version carrying the head")
     h.add_argument("--version", help="version of the new bundle (default <version>+head.<finding>.<n>)")
     h.add_argument("--code", help="VALUE,SCHEME,MEANING: SR code of a finding the bundle does not have")

@@ -28,6 +28,7 @@ from worker.ledger.db import Ledger, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import StudyState
 from worker.observability.metrics import ASSOCIATIONS_ACTIVE, ASSOCIATIONS_REJECTED, INSTANCES, RECEIVED_BYTES
+from worker.reports import accession_key
 from worker.storage import LocalStorage, Storage, instance_key
 from worker.sweeper import PREPARE_TASK, Publish
 
@@ -168,6 +169,8 @@ class LedgerReceiver:
             s.add(study)
             s.flush()
             record(s, "study_opened", study_id=study.id)
+        if stored.accession_number and study.accession_sha256 is None:
+            study.accession_sha256 = accession_key(stored.accession_number)
         instance = s.scalars(
             select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
         ).one_or_none()

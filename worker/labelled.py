@@ -182,3 +182,40 @@ def ledger_table(settings: Settings, model: str, labels: Path,
         list_column=next((c for c in LIST_COLUMNS if c in columns), None), has_patients=patient_col is not None,
         n_missing=len(rows) - len({r[key] for r in csv_rows}))
     return bundle, table, np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in kept])
+
+
+def report_table(settings: Settings, model: str, finding: str,
+                 uncertain: str = "exclude") -> tuple[Any, LabelTable, np.ndarray]:
+    """(bundle, table, unit embeddings) of the archived images of ``model`` whose study has a current
+    final report, labelled for ``finding`` by it (worker.reports.labels); folds group by study."""
+    from sqlalchemy import select
+
+    from worker import models
+    from worker.ledger import Embedding, Instance, Study
+    from worker.ledger.db import Ledger
+    from worker.reports.labels import current_labels, finding_label, truth
+
+    bundle = models.bundle(settings, model)
+    ledger = Ledger(settings.effective_database_url)
+    try:
+        with ledger.session() as s:
+            labels = current_labels(s)
+            found = s.execute(
+                select(Instance.sop_instance_uid, Study.study_instance_uid, Study.id, Embedding.vector)
+                .join(Instance, Instance.id == Embedding.instance_id).join(Study, Study.id == Embedding.study_id)
+                .where(Embedding.bundle_name == bundle.name, Embedding.bundle_version == bundle.version,
+                       Study.id.in_(list(labels)))
+                .order_by(Instance.sop_instance_uid)).all()
+    finally:
+        ledger.engine.dispose()
+    said = [(sop, study, vector, truth(finding_label(labels[sid], finding), uncertain))  # type: ignore[arg-type]
+            for sop, study, sid, vector in found]
+    kept = [(sop, study, vector, y) for sop, study, vector, y in said if y is not None]
+    if not kept:
+        raise ValueError(f"the ledger holds no {bundle.name} {bundle.version} embedding of a study with a final "
+                         f"report labelling {finding!r} ({len(labels)} studies have one)")
+    table = LabelTable(
+        names=[sop for sop, *_ in kept], paths=[], rows=[{finding: "1" if y else "0"} for *_, y in kept],
+        patients=[study for _, study, _, _ in kept], list_column=None, has_patients=False,
+        n_missing=len(said) - len(kept))
+    return bundle, table, np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v, _ in kept])

@@ -100,6 +100,23 @@ class Settings(BaseSettings):
     notify_fhir_token_file: Path | None = None
     #: seconds to connect, send and get the peer's answer (an MLLP ACK, an HTTP response)
     notify_timeout_seconds: float = Field(10.0, gt=0)
+    #: reports in (worker.reports): the MLLP port for HL7 v2 ORU^R01 final reports; unset: not listening
+    hl7_port: int | None = Field(None, ge=0, le=65535)
+    hl7_host: str = "0.0.0.0"
+    #: HL7 over TLS (the DICOM TLS certificate settings: PLEURA_TLS_CERT_FILE, _KEY_FILE, _CA_FILE)
+    hl7_tls: bool = False
+    #: who may send reports: ``APP`` (MSH-3 sending application, from any host) or ``APP@host``; empty: anyone
+    hl7_allowed_senders: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: largest HL7 message accepted (KiB); a bigger one gets a NACK and its connection is closed
+    hl7_max_message_kb: int = Field(256, gt=0)
+    #: seconds a sender may take to complete a message (and may stay silent between messages)
+    hl7_timeout_seconds: float = Field(30.0, gt=0)
+    #: a file holding the bearer token FHIR clients must send to POST DiagnosticReports; unset: FHIR reports off
+    reports_token_file: Path | None = None
+    #: the report labeler (module:attribute); unset: the rule-based default (worker.reports.rules)
+    report_labeler: str | None = None
+    #: days per concordance window (worker.monitor)
+    monitor_window_days: float = Field(30.0, gt=0)
     #: findings that flag a study for the worklist when positive; unset: those the bundle's manifest marks
     triage_findings: Annotated[list[str] | None, NoDecode] = None
     #: where instance and result bytes live (worker.storage): ``local`` (this host's spool and outbox) or
@@ -152,6 +169,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_trusted_keys(cls, value: Any) -> list[Path]:
         return [Path(i.strip()) if isinstance(i, str) else i for i in _items(value)]
+
+    @field_validator("hl7_allowed_senders", mode="before")
+    @classmethod
+    def _parse_hl7_senders(cls, value: Any) -> list[str]:
+        return [i.strip() for i in _items(value)]
 
     @field_validator("triage_findings", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, JobState, StudyState
 from worker.observability.metrics import STUDIES_COMPLETED, observe_stage
+from worker.reports.store import match_pending
 
 log = structlog.get_logger(__name__)
 
@@ -46,12 +47,14 @@ class SweepReport:
     republished_jobs: list[int] = field(default_factory=list)
     published_deliveries: list[int] = field(default_factory=list)
     published_notifications: list[int] = field(default_factory=list)
+    matched_reports: list[int] = field(default_factory=list)
 
 
 def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publish: Publish,
           settle_seconds: float | None = None, max_wait_seconds: float | None = None) -> SweepReport:
     """Queue complete studies (:mod:`worker.completion`), re-publish lost work, due deliveries and
-    notifications; publish after commit.
+    notifications; publish after commit. Then match the RIS reports whose study has arrived since
+    (:func:`worker.reports.store.match_pending`).
 
     A message is re-sent when its row was never published (or the publish failed), when the
     lease of the worker that took it expired since, or, as a backstop against a broker that
@@ -98,6 +101,7 @@ def sweep(ledger: Ledger, quiet_seconds: float, republish_seconds: float, publis
                       .values(published_at=None))
     if report.queued or report.republished_jobs:
         log.info("sweep", queued=report.queued, republished=report.republished_jobs)
+    report.matched_reports = match_pending(ledger)
     return report
 
 

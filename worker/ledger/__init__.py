@@ -13,6 +13,7 @@ from worker.ledger.models import (
     Job,
     Notification,
     OutputObject,
+    Report,
     Study,
     StudyArrival,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Job",
     "Notification",
     "OutputObject",
+    "Report",
     "Study",
     "StudyArrival",
 ]

@@ -93,6 +93,8 @@ class Study(Base):
     note: Mapped[str | None] = mapped_column(Text)
     #: when retention removed the bytes of its instances and results (worker.storage.retention)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: :func:`worker.reports.accession_key` of its Accession Number (the number itself is not kept)
+    accession_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -302,6 +304,50 @@ class Notification(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship()
+
+
+class ReportStatus:
+    """A final report's status as the RIS gave it (HL7 OBR-25 P/F/C, FHIR DiagnosticReport.status)."""
+
+    PRELIMINARY = "preliminary"
+    FINAL = "final"
+    CORRECTED = "corrected"
+
+
+class Report(Base):
+    """A radiology report received from the RIS (HL7 v2 ORU^R01 over MLLP, or a FHIR DiagnosticReport),
+    matched to its study by Accession Number or Study Instance UID (``study_id`` stays NULL until the
+    study arrives), with the labels its text gave (worker.reports).
+
+    A later report of the same study (a final after a preliminary, a correction) sets
+    ``superseded_at`` on the earlier ones: the study's labels are those of its newest report.
+    """
+
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("source", "message_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: ``hl7`` or ``fhir``
+    source: Mapped[str] = mapped_column(String(8))
+    #: who sent it: the peer's address (MLLP) or the HTTP client's
+    sender: Mapped[str] = mapped_column(String(300))
+    #: MSH-10 or the DiagnosticReport's id: a resend of the same message is recognised, not stored twice
+    message_id: Mapped[str] = mapped_column(String(200))
+    accession_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    #: the report's text (conclusion or findings and impression): clinical data, never logged
+    text: Mapped[str] = mapped_column(Text)
+    #: JSON: finding -> ``present`` / ``absent`` / ``uncertain`` / null (not mentioned)
+    labels: Mapped[str] = mapped_column(Text)
+    #: which labeler gave the labels (its name and version)
+    labeler: Mapped[str] = mapped_column(String(64))
+    #: when the report was written (OBR-22 / DiagnosticReport.issued), if the RIS said
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    matched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Event(Base):

@@ -1,8 +1,10 @@
 """The read-only admin console: server-rendered HTML from the audit views, no scripts, no external assets.
 
 ``/`` studies with state and timings (``?state=``, ``?limit=``), ``/study?uid=`` one study's
-revisions, sources, deliveries and events, ``/failures`` (``?kind=``), ``/models``. Every
-value is HTML-escaped; the views hold no patient names, IDs or birth dates.
+revisions, sources, deliveries and events, ``/failures`` (``?kind=``), ``/models``, ``/monitor``
+each model against the final reports (``?windows=``; :mod:`worker.monitor`, which reads the ledger's
+tables, records new alarms and refreshes the monitor gauges). Every value is HTML-escaped; the
+views hold no patient names, IDs or birth dates.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import html
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from worker import audit
 from worker.ledger.db import Ledger
 from worker.observability.http import Handler, Response, text
+
+if TYPE_CHECKING:
+    from worker.monitor.concordance import Record
+    from worker.settings import Settings
 
 Query = Mapping[str, list[str]]
 Cell = Callable[[dict[str, Any]], str]  # returns HTML (escaped)
@@ -35,6 +41,8 @@ td.w{white-space:normal;min-width:20em}.uid{font-family:ui-monospace,monospace;f
 .QUEUED,.PROCESSING,.RUNNING,.PENDING,.SENDING,.RECEIVING{background:#fff1c2;color:#6b4e00}
 .sum a{text-decoration:none;color:inherit;margin-right:10px}
 footer{color:#6a737d;font-size:12px;padding:0 16px 16px}
+.alarm{background:#fbd7d7;color:#8a1c1c;padding:8px 12px;border-radius:4px;font-weight:600}
+img{max-width:100%;background:#fff}
 """
 
 
@@ -74,7 +82,8 @@ def _table(columns: list[tuple[str, Cell, str]], rows: Iterable[dict[str, Any]],
 def _page(title: str, body: str, status: int = HTTPStatus.OK) -> Response:
     doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)} · Pleura</title>'
            f"<style>{_STYLE}</style></head><body><header><b>Pleura</b>"
-           '<a href="/">Studies</a><a href="/failures">Failures</a><a href="/models">Models</a></header>'
+           '<a href="/">Studies</a><a href="/failures">Failures</a><a href="/models">Models</a>'
+           '<a href="/monitor">Monitoring</a></header>'
            f"<main><h1>{_e(title)}</h1>{body}</main><footer>Read-only. Times in UTC. The ledger holds no "
            f"patient names, IDs or birth dates. Rendered {_time(datetime.now(UTC))}.</footer></body></html>")
     return text(status, doc, "text/html; charset=utf-8")
@@ -152,17 +161,35 @@ _MODELS = [
     _col("Jobs", "jobs", "n"), _col("Studies", "studies", "n"), _at("First used", "first_used_at"),
     _at("Last used", "last_used_at"),
 ]
+_FIGURES = ("sensitivity", "specificity", "ppv", "npv", "auc")
+_MONITOR = [
+    _col("Model", "model"), _col("Finding", "finding"), _at("Window end", "end"), _col("Pairs", "n", "n"),
+    _col("Pos", "positives", "n"), _col("Neg", "negatives", "n"), _col("Excl.", "excluded", "n"),
+    _col("Unlab.", "unlabelled", "n"),
+    *(_col(f.upper() if len(f) == 3 else f.capitalize(), f) for f in _FIGURES),
+    _col("Model card", "stated", "w"),
+    ("Alarm", lambda r: f'<span class="s FAILED">{_e(r["alarms"])}</span>' if r["alarms"] else "-", ""),
+]
+
+
+def _monitor_row(r: Record) -> dict[str, Any]:
+    return {"model": f"{r.bundle} {r.version}", "finding": r.finding, "end": r.end, "n": r.n,
+            "positives": r.positives, "negatives": r.negatives, "excluded": r.excluded, "unlabelled": r.unlabelled,
+            **{f: str(r.figures[f]) if r.figures[f] else None for f in _FIGURES}, "alarms": ", ".join(r.alarms),
+            "stated": ", ".join(f"{f} {v:.2f}" for f, v in r.stated.items()) or "none stated: no alarm"}
 
 
 class Console:
     """The console's handlers over one ledger (the process's own database connection)."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.engine = ledger.engine
+    def __init__(self, ledger: Ledger, settings: Settings | None = None) -> None:
+        self.ledger, self.engine = ledger, ledger.engine
+        self.settings = settings  # None: the process's runtime settings
 
     def routes(self) -> dict[str, Handler]:
         return {"/": self._guard(self.studies), "/study": self._guard(self.study),
-                "/failures": self._guard(self.failures), "/models": self._guard(self.models)}
+                "/failures": self._guard(self.failures), "/models": self._guard(self.models),
+                "/monitor": self._guard(self.monitor)}
 
     @staticmethod
     def _guard(page: Callable[[Query], Response]) -> Handler:
@@ -224,6 +251,34 @@ class Console:
         body = ("<p>Bundle versions that produced results, with how many jobs and studies.</p>"
                 + _table(_MODELS, rows, "no model has produced results yet"))
         return _page("Models", body)
+
+    def monitor(self, query: Query) -> Response:
+        import base64
+
+        from worker import runtime
+        from worker.monitor import concordance, plots
+
+        windows = _one(query, "windows") or "6"
+        if not windows.isdigit() or not 1 <= int(windows) <= 24:
+            raise ValueError("windows must be a whole number from 1 to 24")
+        settings = self.settings or runtime.current().settings
+        days = settings.monitor_window_days
+        records = concordance.run(self.ledger, settings, concordance.Options(days, int(windows)))
+        alarms = [f"{r.bundle} {r.version} {r.finding} {f} (window ending {r.end:%Y-%m-%d %H:%M})"
+                  for r in records for f in r.alarms]
+        banner = (f'<p class="alarm">Alarm: {len(alarms)} figures lie wholly below the model card: '
+                  f"{_e('; '.join(alarms))}.</p>" if alarms else "")
+        images = "".join(f"<h2>{_e(' '.join(key[:2]))} · {_e(key[2])}</h2><img alt=\"{_e(' '.join(key))} over time\" "
+                         f'src="data:image/png;base64,{base64.b64encode(plots.png_bytes(rs)).decode()}">'
+                         for key, rs in plots.grouped(records).items())
+        body = (f"{banner}<p>Each analysed study with a final report is a pair: the model's highest probability "
+                "of the finding over the study's images and its call against the report's label (uncertain left "
+                f"out, not mentioned counted absent), in windows of {days:g} days by analysis time, the newest "
+                "ending now. Figures with 95% intervals (Wilson; AUC: DeLong). An alarm: a figure's whole interval "
+                "below the model card's value.</p>"
+                + _table(_MONITOR, [_monitor_row(r) for r in records], "no analysed study in these windows")
+                + images)
+        return _page("Monitoring", body)
 
 
 def console_routes(ledger: Ledger) -> dict[str, Handler]:

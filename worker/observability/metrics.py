@@ -1,7 +1,8 @@
 """Prometheus metrics of a Pleura process (``/metrics``); every name starts with ``pleura_``.
 
 Counters and histograms live in the process-wide default registry and are updated where
-things happen (intake, sweeper, jobs, pipeline, delivery, the dynamic batcher). The ledger
+things happen (intake, sweeper, jobs, pipeline, delivery, the dynamic batcher); the monitor
+gauges whenever :mod:`worker.monitor` computes (``pleura monitor``, the console's page). The ledger
 gauges (studies by state, jobs and deliveries waiting) are read from the database at scrape
 time by :class:`LedgerCollector`; when the database does not answer, ``pleura_ledger_up`` is 0
 and the rest of the page is still served.
@@ -49,6 +50,13 @@ NOTIFICATION_FAILURES = Counter("pleura_notification_failures", "Notifications t
                                 "peer_refused (HL7 AR, an HTTP 4xx), horizon_passed", ["protocol", "reason"])
 NOTIFICATION_SECONDS = Histogram("pleura_notification_seconds", "From a notification's release (its SR delivered) "
                                  "to the peer's acceptance", ["protocol"], buckets=STAGE_BUCKETS)
+MONITOR_VALUE = Gauge("pleura_monitor_value", "Concordance with the final reports over the newest window "
+                      "(worker.monitor): each figure (sensitivity, specificity, ppv, npv, auc) as its value, the low "
+                      "and high bounds of its 95% interval, and the bundle's stated value; NaN where not computable",
+                      ["bundle", "version", "finding", "figure", "bound"])
+MONITOR_ALARM = Gauge("pleura_monitor_alarm", "1 when a figure's whole 95% interval over the newest window lies below "
+                      "the value the bundle's model card states (sensitivity, specificity, auc), else 0",
+                      ["bundle", "version", "finding", "figure"])
 
 for _rule in ("association", "quiet", "max_wait"):
     STUDIES_COMPLETED.labels(_rule)
