@@ -11,7 +11,9 @@ run: venv
 test:
 	bash .ci/setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports  # the layers: pyproject.toml [tool.importlinter], docs/architecture.md
 	.venv/bin/pytest -q
 
 lint:
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports

@@ -33,7 +33,7 @@ import numpy as np
 from engines.demo.train import split
 from engines.heads import learning_curve
 from engines.heads.plots import _pyplot, curve_png
-from worker.labelled import embed, read_image, read_labels
+from worker.heads.labelled import embed, read_image, read_labels
 from worker.settings import load_settings
 
 CURVE_FINDINGS = ("Cardiomegaly", "Effusion")

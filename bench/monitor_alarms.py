@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.monitor_alarms [--draws 40] [--out bench/results]
 
-Each draw is the ledger of ``tests/worker/test_monitor.py`` (250 NIH studies scored by the demo
+Each draw is the ledger of ``tests/worker/monitor/test_concordance.py`` (250 NIH studies scored by the demo
 model, 4 weekly windows of 50 healthy studies, the newest window's scores shuffled across its
 studies) built from another random choice of the 250 among the sample's 490, on an SQLite ledger,
 against the card restated on the whole sample (``_card``). Counted: draws with an alarm in some
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 import engines
-import tests.worker.test_monitor as scenario
+import tests.worker.monitor.test_concordance as scenario
 from worker.ledger.db import Ledger
 from worker.monitor import concordance
 

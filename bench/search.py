@@ -119,7 +119,7 @@ class Data:
     def __init__(self, kind: str, dim: int, nih: Path, cache: Path) -> None:
         self.kind, self.dim = kind, dim
         if kind == "demo":
-            from worker.labelled import embed, read_labels
+            from worker.heads.labelled import embed, read_labels
             from worker.settings import load_settings
 
             if not (nih / "labels.csv").is_file():

@@ -33,7 +33,7 @@ T = TypeVar("T")
 #: Imported once by the fork server, which forks every pool process ready to work; with ``spawn``
 #: each process imported the main script itself (``pleura``: worker.cli, 838 modules, 2.8 s).
 #: Calls run in-thread until the first pool answers (the class docstring), so no start waits on it.
-_PRELOAD = ["__main__", "worker.cpu", "worker.result_objects"]
+_PRELOAD = ["__main__", "worker.cpu", "worker.process.result_objects"]
 
 
 def decode_file(path: str) -> np.ndarray:

@@ -10,7 +10,7 @@ import structlog
 
 from engines import Engine, load
 from engines.batching import DynamicBatcher
-from worker import models
+from worker.bundles import catalogue
 from worker.cpu import CpuPool
 from worker.ledger.db import Ledger
 from worker.observability.metrics import observe_batch
@@ -40,7 +40,7 @@ class Runtime:
         with self._lock:
             key = self._key
             if key not in self._engines:
-                bundle = models.bundle(self.settings, self.settings.model)
+                bundle = catalogue.bundle(self.settings, self.settings.model)
                 engine = load(bundle, backend=self.settings.backend)
                 log.info("model loaded", bundle=bundle.name, version=bundle.version, backend=engine.backend,
                          selection=engine.selection_reason)

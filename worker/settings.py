@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -18,35 +16,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from worker.notify.destinations import Hl7Peer, fhir_base
+from worker.destinations import Destination, Hl7Peer, fhir_base
 
 #: Secret files are read from here when ``PLEURA_SECRETS_DIR`` is unset and the folder exists
 #: (Docker and Compose mount secrets there).
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
-
-_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM peer that receives results: ``AET@host:port``, or ``AET@host:port+tls`` for DICOM TLS
-    (the peer's certificate must come from ``tls_ca_file`` and name ``host``)."""
-
-    ae_title: str
-    host: str
-    port: int
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        match = _DESTINATION.match(text.strip())
-        if not match:
-            raise ValueError(f"destination {text!r} is not of the form AET@host:port or AET@host:port+tls")
-        return cls(match["aet"].strip(), match["host"], int(match["port"]), match["tls"] is not None)
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
-
 
 class Settings(BaseSettings):
     """Everything Pleura reads at start-up. Environment beats secret files beat the TOML file beats defaults.
@@ -67,7 +41,7 @@ class Settings(BaseSettings):
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     study_quiet_seconds: float = 10.0
     #: a study whose associations all ended with an A-RELEASE is complete this long after its last
-    #: instance (worker.completion); negative: that rule is off and the quiet period decides
+    #: instance (worker.assemble.completion); negative: that rule is off and the quiet period decides
     study_settle_seconds: float = 0.5
     study_max_wait_seconds: float = Field(600.0, gt=0)
     prepare_on_arrival: bool = True

@@ -1,6 +1,10 @@
-"""What the SR and SC builders share: wording, source header copies, equipment."""
+"""What the SR and SC builders share: wording, source header copies, equipment, and the
+common header (:class:`ResultHeader`) of every object they build."""
 
 from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import DeviceObserverIdentifyingAttributes, ObservationContext, ObserverContext
@@ -78,3 +82,45 @@ def observation_context(algorithm: Algorithm) -> ObservationContext:
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
+
+
+@dataclass(frozen=True)
+class ResultHeader:
+    """The header every result object shares: its place in the study (series and instance
+    UIDs and numbers) and the model as manufacturer, Series Description and Contributing
+    Equipment. ``kind`` names the object in its Series Description (see
+    :func:`series_description`)."""
+
+    algorithm: Algorithm
+    kind: str
+    _: KW_ONLY
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    instance_number: int
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a highdicom SOP class constructor (SR or Secondary Capture)."""
+        algorithm = self.algorithm
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "series_number": self.series_number,
+            "sop_instance_uid": self.sop_instance_uid,
+            "instance_number": self.instance_number,
+            "manufacturer": algorithm.manufacturer,
+            "manufacturer_model_name": algorithm.name[:_LO_MAX],
+            "software_versions": algorithm.software_version[:_LO_MAX],
+            "series_description": series_description(self.kind, algorithm),
+            "contributing_equipment": [processing_equipment(algorithm)],
+        }
+
+    def sr_kwargs(self, predecessor: Dataset | None = None) -> dict[str, Any]:
+        """:meth:`kwargs` plus the SR document state: complete, preliminary, unverified, and
+        ``predecessor`` (the document this one supersedes) as its previous version."""
+        return {
+            **self.kwargs(),
+            "is_complete": True,
+            "is_final": False,
+            "is_verified": False,
+            "previous_versions": [predecessor] if predecessor is not None else None,
+        }

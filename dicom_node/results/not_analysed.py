@@ -48,9 +48,8 @@ from pydicom.sr.coding import Code as DicomCode
 
 from dicom_node.results._shared import (
     DISCLAIMER,
+    ResultHeader,
     observation_context,
-    processing_equipment,
-    series_description,
     source_header,
 )
 from dicom_node.results.content import Algorithm
@@ -103,23 +102,11 @@ def build_not_analysed(
     headers = [source_header(source) for source in sources]
     if len({header.StudyInstanceUID for header in headers}) != 1:
         raise ValueError("all source images of one notice must belong to the same study")
-    return EnhancedSR(
-        evidence=headers,
-        content=_report(algorithm, not_analysed_text(algorithm, reason)),
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name[:64],
-        software_versions=algorithm.software_version[:64],
-        series_description=series_description("not analysed", algorithm),
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=[processing_equipment(algorithm)],
-    )
+    header = ResultHeader(algorithm, "not analysed", series_instance_uid=series_instance_uid,
+                          sop_instance_uid=sop_instance_uid, series_number=series_number,
+                          instance_number=instance_number)
+    content = _report(algorithm, not_analysed_text(algorithm, reason))
+    return EnhancedSR(evidence=headers, content=content, **header.sr_kwargs(predecessor))
 
 
 def _report(algorithm: Algorithm, text: str) -> ContainerContentItem:

@@ -24,12 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.results._shared import (
-    DISCLAIMER,
-    processing_equipment,
-    series_description,
-    source_header,
-)
+from dicom_node.results._shared import DISCLAIMER, ResultHeader, source_header
 from dicom_node.results.content import Algorithm, FindingResult, ImageResult
 from dicom_node.results.heatmap import finding_mark, upsample
 
@@ -61,6 +56,9 @@ def build_sc(
     instance_number: int,
 ) -> hd.sc.SCImage:
     """One RGB Secondary Capture for one processed image, in the source's study."""
+    header = ResultHeader(algorithm, "heatmaps", series_instance_uid=series_instance_uid,
+                          sop_instance_uid=sop_instance_uid, series_number=series_number,
+                          instance_number=instance_number)
     source = source_header(result.source)
     pixels = render(result, algorithm)
     orientation = source.get("PatientOrientation")
@@ -75,16 +73,8 @@ def build_sc(
             bits_allocated=8,
             coordinate_system="PATIENT",
             patient_orientation=tuple(orientation) if known_orientation else ("L", "F"),
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=algorithm.manufacturer,
-            manufacturer_model_name=algorithm.name[:64],
-            software_versions=algorithm.software_version[:64],
-            series_description=series_description("heatmaps", algorithm),
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[processing_equipment(algorithm)],
+            **header.kwargs(),
         )
     sc.copy_patient_and_study_information(source)
     if not known_orientation:

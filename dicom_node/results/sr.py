@@ -64,9 +64,8 @@ from pydicom.sr.coding import Code as DicomCode
 
 from dicom_node.results._shared import (
     DISCLAIMER,
+    ResultHeader,
     observation_context,
-    processing_equipment,
-    series_description,
     source_header,
 )
 from dicom_node.results.content import Algorithm, Code, FindingResult, ImageResult
@@ -135,23 +134,10 @@ def build_sr(
         raise ValueError("build_sr needs at least one finding or a study summary")
     content = _report(algorithm, groups, _library_images(sources))
     content.ContentSequence.append(_qualitative_evaluations(evaluations))
-    return Comprehensive3DSR(
-        evidence=sources,
-        content=content,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name[:64],
-        software_versions=algorithm.software_version[:64],
-        series_description=series_description("findings", algorithm),
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=[processing_equipment(algorithm)],
-    )
+    header = ResultHeader(algorithm, "findings", series_instance_uid=series_instance_uid,
+                          sop_instance_uid=sop_instance_uid, series_number=series_number,
+                          instance_number=instance_number)
+    return Comprehensive3DSR(evidence=sources, content=content, **header.sr_kwargs(predecessor))
 
 
 def _report(

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from engines.architectures import build
 from engines.bundle import SCHEMA_VERSION
 from engines.demo import card
-from engines.demo.metrics import auc, bootstrap_auc_ci, roc_curve, youden_threshold
+from engines.evaluation.metrics import auc, bootstrap_auc_ci, roc_curve, youden_threshold
 from engines.importers.writer import ADULT_FRONTAL_CHEST, synthetic_inputs, write_bundle, write_manifest
 from engines.preprocess import geometry, normalize, resize
 from engines.runtime import load

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.demo.crossval import auc_summary, patient_folds
-from engines.demo.metrics import auc
+from engines.evaluation.folds import auc_summary, patient_folds
+from engines.evaluation.metrics import auc
 from engines.heads.logistic import fit_logistic
 
 
@@ -33,7 +33,7 @@ def _both_classes(y: np.ndarray) -> bool:
 
 def cross_validate(x: np.ndarray, y: np.ndarray, patients: Sequence[str], k: int = 5, seed: int = 0,
                    l2: float = 1.0) -> CrossValidation:
-    """Stratified patient-level ``k``-fold cross-validation (:func:`engines.demo.crossval.patient_folds`)."""
+    """Stratified patient-level ``k``-fold cross-validation (:func:`engines.evaluation.folds.patient_folds`)."""
     y = np.asarray(y, dtype=bool)
     folds = patient_folds(patients, y[:, None], k, seed)
     scores = np.full(len(y), np.nan)

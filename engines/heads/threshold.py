@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.demo.metrics import roc_curve
+from engines.evaluation.metrics import roc_curve
 
 
 @dataclass(frozen=True)

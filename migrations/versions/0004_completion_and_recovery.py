@@ -5,9 +5,9 @@ Revises: 0003
 Create Date: 2026-12-02 12:00:00
 
 ``study_arrivals`` records which association carried each study revision (the completion rule
-of ``worker.completion``); ``studies.receiving_since`` when the current revision began;
+of ``worker.assemble.completion``); ``studies.receiving_since`` when the current revision began;
 ``jobs.completed_by`` which rule queued it; ``deliveries.lease_owner`` the process sending it,
-so that its successor can take the lease back at once (``worker.recovery``). The audit view
+so that its successor can take the lease back at once (``worker.assemble.recovery``). The audit view
 ``v_study_timeline`` gains a last column ``completed_by`` (replaced in place on PostgreSQL,
 so an auditor role's grant stays).
 """

@@ -1,7 +1,7 @@
 """Dirty source images as PACS traffic really brings them, built at test time (no DICOM in git).
 
 Each variant takes a clean base (the real Philips CR ``RG1_J2KI.dcm``, ISO_IR 100, JPEG 2000,
-or an NIH-derived DX from :func:`dicom_node.synthetic.png_to_dataset`, no character set), breaks
+or an NIH-derived DX from :func:`worker.synth.studies.png_to_dataset`, no character set), breaks
 its header with raw bytes where pydicom would refuse or fix the value, and comes back
 *encoded and read again* (:func:`received`): its elements are raw, undecoded bytes, exactly
 as the pipeline reads an instance from the spool. Only headers change, so a variant's pixels

@@ -19,7 +19,6 @@ from dicom_node.results.content import Algorithm, ImageResult
 from dicom_node.results.sanitize import InvalidSource, clean_header
 from dicom_node.results.sc import build_sc
 from dicom_node.results.sr import build_sr
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.dicom_node.dirty_sources import (
     LONG_TEXT,
     PIXELMED_SUBSET,
@@ -29,6 +28,7 @@ from tests.dicom_node.dirty_sources import (
     received,
 )
 from tests.dicom_node.node_helpers import decode_unit, make_findings
+from worker.synth.studies import png_to_dataset, read_labels
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from dicom_node.results import not_analysed
 from dicom_node.results.content import Algorithm
 from dicom_node.results.not_analysed import DISCLAIMER_TEXT, build_not_analysed, not_analysed_text
 from dicom_node.results.uids import derive_uid
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.support import require_tool
+from worker.synth.studies import png_to_dataset, read_labels
 
 #: An NIH image of a 12-year-old (PatientAge 012Y): below the demo bundle's minimum age.
 CHILD = "00004934_000.png"

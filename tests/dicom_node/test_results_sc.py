@@ -19,8 +19,8 @@ from dicom_node.results.sc import (
     build_sc,
 )
 from dicom_node.results.uids import derive_uid
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.dicom_node.node_helpers import blob, decode_unit, make_findings
+from worker.synth.studies import png_to_dataset, read_labels
 
 
 def _build(result: ImageResult, algorithm: Algorithm) -> Dataset:

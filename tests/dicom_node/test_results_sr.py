@@ -13,8 +13,8 @@ from pydicom.sr.codedict import codes
 from dicom_node.results.content import Algorithm, FindingResult, ImageResult
 from dicom_node.results.sr import QUALITATIVE_EVALUATIONS, build_sr
 from dicom_node.results.uids import derive_uid
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.dicom_node.node_helpers import blob, decode_unit, make_findings
+from worker.synth.studies import png_to_dataset, read_labels
 
 NIH_IMAGES = ("00000100_000.png", "00000075_000.png")
 

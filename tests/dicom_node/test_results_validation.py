@@ -10,8 +10,8 @@ from dicom_node.results.content import Algorithm, ImageResult
 from dicom_node.results.sc import build_sc
 from dicom_node.results.sr import build_sr
 from dicom_node.results.uids import derive_uid
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.dicom_node.node_helpers import decode_unit, make_findings
+from worker.synth.studies import png_to_dataset, read_labels
 
 #: Rows of labels.csv: PA and AP, male and female, portrait and landscape matrices.
 ROWS = (0, 1, 6, 9)

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from tests.e2e.harness import PLEURA, embedded_env, pleura, pleura_run, running, storescp, wait_for, wait_port
 from tests.figures import FIGURES_DIR, save
 from tests.support import free_port
-from worker.audit import human_seconds
+from worker.ledger.audit import human_seconds
 
 QUIET = 1
 N_STUDIES = 3

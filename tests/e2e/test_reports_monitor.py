@@ -19,12 +19,12 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
-from dicom_node.synthetic import png_to_dataset
 from tests.e2e.harness import PLEURA, pleura, pleura_run, running, storescp, wait_port
 from tests.figures import save
 from tests.reliability.services import pleura_env
 from tests.ris import TOKEN, diagnostic_report, msa, oru, post_fhir, send_hl7
 from tests.support import free_port, wait_for
+from worker.synth.studies import png_to_dataset
 
 pytestmark = pytest.mark.integration
 

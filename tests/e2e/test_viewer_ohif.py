@@ -34,7 +34,6 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.scu import send_datasets
-from dicom_node.synthetic import png_to_dataset, read_labels
 from tests.dicom_node.dirty_sources import dirty_variants
 from tests.e2e.harness import embedded_env, pleura, running, wait_for, wait_port
 from tests.figures import FIGURES_DIR, save
@@ -52,6 +51,7 @@ from worker.ledger.models import (
     Study,
     StudyState,
 )
+from worker.synth.studies import png_to_dataset, read_labels
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.demo.metrics import auc
+from engines.evaluation.metrics import auc
 from engines.heads import cross_validate, fit_logistic, learning_curve, operating_point
 
 

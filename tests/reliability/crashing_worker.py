@@ -17,7 +17,8 @@ import sys
 
 from pydicom import Dataset
 
-from worker import cli, cpu, pipeline
+from worker import cli, cpu
+from worker.process import pipeline
 
 os.environ["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
 os.environ["PLEURA_CPU_PROCESSES"] = "0"

@@ -1,6 +1,6 @@
 """Helpers for the reliability tests: small real studies, a recording C-STORE sender, ledger and spool checks.
 
-Studies are built with :mod:`dicom_node.synthetic` from NIH ChestX-ray14 PNGs downscaled to a
+Studies are built with :mod:`worker.synth.studies` from NIH ChestX-ray14 PNGs downscaled to a
 small matrix, so that a thousand instances fit a CI machine. The sender records the DIMSE
 status of every C-STORE (``None`` when the association died before an answer).
 """
@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from sqlalchemy import create_engine, text
 
-from dicom_node.synthetic import png_to_dataset, read_labels
+from worker.synth.studies import png_to_dataset, read_labels
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -208,7 +208,7 @@ def pleura_env(tmp_path: Path, db_url: str, broker_url: str, port: int, destinat
 
 def synth_studies(nih: Path, out: Path, count: int, skip: int = 0) -> list[Path]:
     """``count`` one-image studies (distinct synthetic patients) from the NIH sample."""
-    from dicom_node.synthetic import png_to_dataset, read_labels
+    from worker.synth.studies import png_to_dataset, read_labels
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

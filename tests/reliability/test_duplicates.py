@@ -5,7 +5,7 @@ stored copy, ``times_received`` counts them, one job, one inference, one SR. Cha
 documented policy (docs/conformance.md): both files kept, ``instance_changed``, the study
 reopened as revision 2 and a second SR that names the first as its predecessor.
 
-Embedded mode: the intake code (``worker/intake.py``, ``dicom_node/spool.py``) is the same in
+Embedded mode: the intake code (``worker/listen/receiver.py``, ``dicom_node/spool.py``) is the same in
 both modes, and a private SQLite ledger keeps this test off the shared broker.
 """
 

@@ -30,14 +30,14 @@ from engines import InferenceResult
 from tests.figures import save
 from tests.reliability.ingest import small_studies
 from tests.reliability.services import PrivatePostgres
-from worker import jobs, pipeline
-from worker.intake import LedgerReceiver
+from worker.assemble.sweeper import sweep
 from worker.ledger import Attempt, Event, Finding, Job, OutputObject, Study
 from worker.ledger.db import Ledger, upgrade
 from worker.ledger.models import JobState
+from worker.listen.receiver import LedgerReceiver
+from worker.process import jobs, pipeline
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.sweeper import sweep
 
 pytestmark = pytest.mark.integration
 

@@ -23,11 +23,11 @@ from tests.figures import save
 from tests.reliability.ingest import Ledger as SQL
 from tests.reliability.services import PrivateRedis, pleura_env, received_by_study, synth_studies
 from tests.support import ROOT, free_port, wait_for
-from worker import jobs
-from worker.intake import LedgerReceiver
+from worker.assemble.sweeper import sweep
 from worker.ledger import Event, Job, Study
 from worker.ledger.db import Ledger, upgrade
-from worker.sweeper import sweep
+from worker.listen.receiver import LedgerReceiver
+from worker.process import jobs
 
 MAX_ATTEMPTS = 3
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_node.scp import StorageSCP
 from tests.figures import save
 from tests.support import free_port, wait_for
-from worker.cli import _start_listener
+from worker.cli.processes import _start_listener
 from worker.ledger import Association, Event
 from worker.ledger.db import Ledger, upgrade
 from worker.runtime import Runtime

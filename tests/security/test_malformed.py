@@ -25,10 +25,10 @@ from dicom_node.spool import Spool
 from tests.figures import save
 from tests.security.make_corpus import CORPUS_DIR, MAX_FILE_BYTES, write
 from tests.support import free_port
-from worker.intake import LedgerReceiver
 from worker.ledger import Event, Instance
 from worker.ledger.db import Ledger, upgrade
-from worker.pipeline import _gate, _Source
+from worker.listen.receiver import LedgerReceiver
+from worker.process.pipeline import _gate, _Source
 
 INTENDED_USE = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"], "views": ["PA", "AP"]}
 GATE_TIMEOUT_S = 120  # generous on 2 shared cores; a hang is what this catches

@@ -25,8 +25,8 @@ from tests.figures import save
 from tests.security.pki import Authority, authority
 from tests.security.test_associations import closed_by_peer, listener, rejections
 from tests.support import free_port, require_tool, wait_for
+from worker.destinations import Destination
 from worker.ledger import Instance
-from worker.settings import Destination
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import Destination, load_settings
+from worker.destinations import Destination
+from worker.settings import load_settings
 
 
 def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,11 +45,17 @@ class JobState:
     SUPERSEDED = "SUPERSEDED"
 
 
-class DeliveryState:
+class OutboundState:
+    """What deliveries and notifications share: due (``PENDING``), under a lease (``SENDING``), done."""
+
     PENDING = "PENDING"
     SENDING = "SENDING"
     DELIVERED = "DELIVERED"
     FAILED = "FAILED"
+
+
+class DeliveryState(OutboundState):
+    pass
 
 
 class Association(Base):
@@ -68,7 +74,7 @@ class Association(Base):
 
 
 class CompletedBy:
-    """Which rule decided that a study revision was complete (``worker.completion``)."""
+    """Which rule decided that a study revision was complete (``worker.assemble.completion``)."""
 
     ASSOCIATION = "association"
     QUIET = "quiet"
@@ -215,6 +221,10 @@ class Finding(Base):
     job: Mapped[Job] = relationship(back_populates="findings")
 
 
+#: ``output_objects.kind``: the study revision's SR, one SC per image, the SR of a study not analysed
+SR_KIND, SC_KIND, NOT_ANALYSED_KIND = "SR", "SC", "SR-NA"
+
+
 class OutputObject(Base):
     """An SR or SC that Pleura produced, stored in the outbox until delivered."""
 
@@ -258,14 +268,10 @@ class Delivery(Base):
     output: Mapped[OutputObject] = relationship(back_populates="deliveries")
 
 
-class NotificationState:
+class NotificationState(OutboundState):
     """``WAITING`` until the result's SR is delivered (or every SR delivery ended), then as a delivery."""
 
     WAITING = "WAITING"
-    PENDING = "PENDING"
-    SENDING = "SENDING"
-    DELIVERED = "DELIVERED"
-    FAILED = "FAILED"
 
 
 class Notification(Base):

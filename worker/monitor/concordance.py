@@ -103,7 +103,7 @@ class Record:
 def operating_points(settings: Settings) -> OperatingPoints:
     """The stated figures of the built-in and installed bundles (``evaluation.findings`` of each
     manifest; an installed copy's over a built-in one of the same name and version, as
-    :func:`worker.models.resolve` prefers it); a bundle that states none is absent."""
+    :func:`worker.bundles.catalogue.resolve` prefers it); a bundle that states none is absent."""
     points: OperatingPoints = {}
     for root in (BUILTIN_DIR, settings.effective_models_dir):
         for path in sorted(root.glob(f"*/{MANIFEST}")):

@@ -15,10 +15,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from engines import Bundle
+from worker.destinations import FHIR, HL7
 from worker.ledger import Delivery, Finding, Notification, OutputObject
 from worker.ledger.events import record
 from worker.ledger.models import DeliveryState, NotificationState
-from worker.notify.destinations import FHIR, HL7
 from worker.notify.result import CRITICAL, control_id, study_findings, triage_names
 from worker.settings import Settings
 

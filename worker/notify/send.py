@@ -12,26 +12,25 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-from datetime import timedelta
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import and_, or_, update
+from sqlalchemy.orm import Session
 
 from dicom_node.tls import client_context
 from engines import Bundle
-from worker import models
-from worker.delivery import backoff_seconds
+from worker import mllp
+from worker.bundles import catalogue
+from worker.destinations import HL7, Hl7Peer
+from worker.leases import claimed, retry_or_fail
 from worker.ledger import Job, Notification
 from worker.ledger.db import as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import NotificationState
 from worker.logging import log_context
-from worker.notify import fhir, hl7, mllp
-from worker.notify.destinations import HL7, Hl7Peer
+from worker.notify import fhir, hl7
 from worker.notify.result import StudyResult, load, triage_names
 from worker.observability.metrics import NOTIFICATION_ATTEMPTS, NOTIFICATION_FAILURES, NOTIFICATION_SECONDS
-from worker.recovery import owner
 from worker.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -48,35 +47,27 @@ class _Answer(NamedTuple):
 def notify(rt: Runtime, notification_id: int) -> None:
     """Claim the notification if due, send it, record the peer's answer or schedule a retry."""
     with log_context(notification_id=notification_id):
-        _notify(rt, notification_id)
+        what = claimed(rt.ledger, Notification, notification_id, rt.settings.lease_seconds,
+                       lambda s, row: _what_to_send(rt, s, row))
+        if what is not None:
+            _send(rt, notification_id, *what)
 
 
-def _notify(rt: Runtime, notification_id: int) -> None:
-    settings, now = rt.settings, utcnow()
-    with rt.ledger.session() as s:
-        won = s.execute(
-            update(Notification)
-            .where(
-                Notification.id == notification_id,
-                or_(and_(Notification.state == NotificationState.PENDING, Notification.next_attempt_at <= now),
-                    and_(Notification.state == NotificationState.SENDING, Notification.lease_expires_at < now)),
-            )
-            .values(state=NotificationState.SENDING, attempts=Notification.attempts + 1, last_attempt_at=now,
-                    lease_owner=owner(), lease_expires_at=now + timedelta(seconds=settings.lease_seconds))
-        ).rowcount
-        if not won:
-            return
-        row = s.get(Notification, notification_id)
-        assert row is not None
-        structlog.contextvars.bind_contextvars(study_id=row.job.study_id)
-        protocol, destination = row.protocol, row.destination
-        try:
-            bundle = _bundle(rt, row.job)
-            result: StudyResult | None = load(s, row.job, row.control_id, bundle,
-                                              triage_names(settings.triage_findings, bundle), rt.storage())
-            problem = None
-        except (OSError, ValueError) as exc:  # the source header is gone or unreadable, the model is not installed
-            result, problem = None, f"the result could not be read: {type(exc).__name__}: {exc}"
+def _what_to_send(rt: Runtime, s: Session, row: Notification) -> tuple[str, str, StudyResult | None, str | None]:
+    """The claimed notification's protocol and destination, and its result (None, with the problem, when it
+    cannot be read)."""
+    structlog.contextvars.bind_contextvars(study_id=row.job.study_id)
+    try:
+        bundle = _bundle(rt, row.job)
+        result = load(s, row.job, row.control_id, bundle, triage_names(rt.settings.triage_findings, bundle),
+                      rt.storage())
+        return row.protocol, row.destination, result, None
+    except (OSError, ValueError) as exc:  # the source header is gone or unreadable, the model is not installed
+        return row.protocol, row.destination, None, f"the result could not be read: {type(exc).__name__}: {exc}"
+
+
+def _send(rt: Runtime, notification_id: int, protocol: str, destination: str, result: StudyResult | None,
+          problem: str | None) -> None:
     if result is None:
         answer = _Answer("retry", None, problem)
     elif protocol == HL7:
@@ -94,7 +85,7 @@ def _bundle(rt: Runtime, job: Job) -> Bundle:
     loaded = rt.engine().bundle
     if (loaded.name, loaded.version) == (job.bundle_name, job.bundle_version):
         return loaded
-    found = models.bundle(rt.settings, job.bundle_name or "")
+    found = catalogue.bundle(rt.settings, job.bundle_name or "")
     if found.version != job.bundle_version:
         raise ValueError(f"bundle {job.bundle_name} {job.bundle_version} that made this result is not installed")
     return found
@@ -157,18 +148,15 @@ def _record(rt: Runtime, notification_id: int, answer: _Answer) -> float | bool 
                    triage=row.triage, control_id=row.control_id, **where)
             released = as_utc(row.released_at) if row.released_at else now
             return (now - released).total_seconds()
-        deadline = as_utc(row.released_at or row.created_at) + timedelta(seconds=settings.delivery_horizon_seconds)
-        if answer.outcome == "failed" or now >= deadline:
-            row.state = NotificationState.FAILED
+        backoff = retry_or_fail(row, settings, as_utc(row.released_at or row.created_at),
+                                refused=answer.outcome == "failed")
+        if backoff is None:
             reason = "peer_refused" if answer.outcome == "failed" else "horizon_passed"
             record(s, "notification_failed", study_id=study_id, job_id=row.job_id, attempts=row.attempts,
                    peer_answer=answer.peer_answer, error=answer.text, reason=reason, **where)
             log.error("notification failed for good", peer_answer=answer.peer_answer, reason=reason, **where)
             NOTIFICATION_FAILURES.labels(row.protocol, reason).inc()
             return False
-        backoff = backoff_seconds(settings, row.attempts)
-        row.state, row.published_at = NotificationState.PENDING, None
-        row.next_attempt_at = min(now + timedelta(seconds=backoff), deadline)
         record(s, "notification_retry", study_id=study_id, job_id=row.job_id, attempts=row.attempts,
                peer_answer=answer.peer_answer, error=answer.text, retry_in_seconds=backoff, **where)
         log.warning("notification will be retried", peer_answer=answer.peer_answer, retry_in_s=backoff, **where)

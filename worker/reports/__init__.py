@@ -8,14 +8,4 @@ matched to their studies, and labelled per finding from their text, so that
   DiagnosticReport POSTs on the HTTP port
 - :mod:`worker.reports.store`: record a received report, match reports to studies
 - :mod:`worker.reports.labels`: the study labels the current reports give (monitor, heads)
-- :mod:`worker.reports.cli`: ``pleura reports label``
 """
-
-from __future__ import annotations
-
-import hashlib
-
-
-def accession_key(accession_number: str) -> str:
-    """The hash by which a study and its reports are matched (the Accession Number is not kept)."""
-    return hashlib.sha256(f"pleura-accession|{accession_number.strip()}".encode()).hexdigest()

@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 
 Label = Literal["present", "absent", "uncertain"]
 LABELS: tuple[Label, ...] = ("present", "absent", "uncertain")
+#: the rule-based default, named as a site names its own
+DEFAULT = "worker.reports.rules:RuleLabeler"
 
 
 class Labeler(Protocol):
@@ -27,11 +29,8 @@ class Labeler(Protocol):
 
 
 def load(spec: str | None = None) -> Labeler:
-    """The labeler ``spec`` names (``module:attribute``), or the rule-based default."""
-    if not spec:
-        from worker.reports.rules import RuleLabeler
-
-        return RuleLabeler()
+    """The labeler ``spec`` names (``module:attribute``), or the rule-based default (:data:`DEFAULT`)."""
+    spec = spec or DEFAULT
     module, _, attribute = spec.partition(":")
     if not module or not attribute:
         raise ValueError(f"PLEURA_REPORT_LABELER={spec!r}: expected module:attribute")

@@ -1,6 +1,6 @@
 """The MLLP listener for final reports (``PLEURA_HL7_PORT``): HL7 v2 ``ORU^R01`` in, one ACK per message.
 
-Frames are ``0x0B`` + message + ``0x1C 0x0D``; a connection may carry many. Limits: a message over
+Frames (:mod:`worker.mllp`) are ``0x0B`` + message + ``0x1C 0x0D``; a connection may carry many. Limits: a message over
 ``PLEURA_HL7_MAX_MESSAGE_KB`` gets an AE (when its MSH can be read) and its connection is closed;
 a sender that takes longer than ``PLEURA_HL7_TIMEOUT_SECONDS`` to complete a message, or stays
 silent that long between messages, is disconnected. Bytes that are not a frame, or a frame without
@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 
 from dicom_node.tls import server_context
+from worker import mllp
 from worker.reports import hl7_in
 from worker.reports.hl7_in import Header, Hl7Error
 from worker.reports.store import IncomingReport, Intake, ReportConflict
@@ -29,7 +30,6 @@ from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-START, END = b"\x0b", b"\x1c\x0d"
 #: after a NACK for an oversized message, what the sender still sends is read and dropped this long,
 #: so that closing does not reset the connection before the NACK is read
 _DRAIN_SECONDS = 2.0
@@ -113,7 +113,7 @@ class ReportListener:
                 log.warning("hl7 connection closed", peer=host, reason=closed.reason)
                 self.intake.refuse("hl7", host, closed.reason)
             return False
-        except _Oversize as over:
+        except mllp.TooLarge as over:
             header = hl7_in.partial_header(over.head)
             reason = f"the message is larger than {self.max_bytes // 1024} KiB (PLEURA_HL7_MAX_MESSAGE_KB)"
             self.intake.refuse("hl7", host, reason, header.control_id if header else None)
@@ -136,25 +136,16 @@ class ReportListener:
                 raise _Closed(None)  # closed or silent between messages: the sender's choice
             buffer += chunk
         del buffer[:len(buffer) - len(buffer.lstrip(b"\r\n"))]
-        if buffer[:1] != START:
+        if buffer[:1] != mllp.START:
             raise _Closed(f"not an MLLP frame (first byte 0x{buffer[0]:02X}, not the start block 0x0B)")
-        deadline = time.monotonic() + self.timeout
-        while (end := buffer.find(END)) < 0:
-            if len(buffer) - 1 > self.max_bytes:
-                raise _Oversize(bytes(buffer[1:4097]))
-            remaining = deadline - time.monotonic()
-            chunk = _recv(sock, remaining) if remaining > 0 else None
-            if chunk is None:
-                raise _Closed(f"the message was not complete within {self.timeout:g} s "
-                              f"({len(buffer)} bytes received); disconnected")
-            if not chunk:
-                raise _Closed(f"the sender closed the connection mid-message ({len(buffer)} bytes, no end block)")
-            buffer += chunk
-        if end - 1 > self.max_bytes:
-            raise _Oversize(bytes(buffer[1:4097]))
-        payload = bytes(buffer[1:end])
-        del buffer[:end + len(END)]
-        return payload
+        try:
+            return mllp.read_frame(sock, buffer, time.monotonic() + self.timeout, self.max_bytes, _recv)
+        except mllp.Incomplete as incomplete:
+            if incomplete.closed:
+                raise _Closed(f"the sender closed the connection mid-message ({len(buffer)} bytes, no end block)") \
+                    from None
+            raise _Closed(f"the message was not complete within {self.timeout:g} s "
+                          f"({len(buffer)} bytes received); disconnected") from None
 
     def _answer(self, payload: bytes, host: str) -> tuple[bytes | None, bool]:
         """The acknowledgment of one message and whether the connection stays open."""
@@ -219,26 +210,17 @@ class _Closed(Exception):
         self.reason = reason
 
 
-class _Oversize(Exception):
-    def __init__(self, head: bytes) -> None:
-        super().__init__("oversized")
-        self.head = head
-
-
 def _recv(sock: socket.socket, timeout: float) -> bytes | None:
-    """Up to 64 KiB; b'' when the peer closed, None when nothing came within ``timeout``."""
-    sock.settimeout(timeout)
+    """:func:`worker.mllp.recv`, with a reset or a TLS error read as the connection closed."""
     try:
-        return sock.recv(65536)
-    except TimeoutError:
-        return None
-    except OSError:  # reset, a TLS error: the connection is gone
+        return mllp.recv(sock, timeout)
+    except OSError:
         return b""
 
 
 def _send(sock: socket.socket, message: bytes) -> None:
     try:
-        sock.sendall(START + message + END)
+        sock.sendall(mllp.frame(message))
     except OSError as exc:
         log.warning("hl7 acknowledgment not sent", error=type(exc).__name__)
 

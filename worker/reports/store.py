@@ -22,10 +22,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from worker.ledger.accession import accession_key
 from worker.ledger.db import Ledger, as_utc, utcnow
 from worker.ledger.events import record
 from worker.ledger.models import Report, ReportStatus, Study
-from worker.reports import accession_key
 from worker.reports.labeler import LABELS, Labeler, load
 from worker.settings import Settings
 
@@ -89,7 +89,7 @@ def label_findings(settings: Settings) -> tuple[str, ...]:
     """The findings every report is labelled for: the configured bundle's reported findings (a head's
     ``NAME (head)`` as NAME), the NIH ChestX-ray14 labels and ``Abnormal``, each once."""
     from engines import BundleError
-    from worker.models import bundle
+    from worker.bundles.catalogue import bundle
 
     try:
         names = [f.name.removesuffix(" (head)") for f in bundle(settings, settings.model).reported_findings]
