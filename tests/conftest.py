@@ -6,11 +6,42 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support import AMQP_URL, NIH, PG_ADMIN_URL, REAL_CR, REDIS_URL, errors_and_warnings, reachable, require_tool
+from tests.support import (
+    AMQP_URL,
+    NIH,
+    PG_ADMIN_URL,
+    REAL_CR,
+    REDIS_URL,
+    errors_and_warnings,
+    rabbitmqctl,
+    reachable,
+    require_tool,
+    worker_amqp_url,
+    worker_redis_url,
+)
+
+#: Under pytest-xdist (``--dist loadfile``, pyproject.toml) a test file runs whole on one worker and
+#: files go out in collection order: the long ones first (the longest measured, then any file with a
+#: ``slow`` test, then the end-to-end and reliability suites), so that the run does not end with one
+#: of them alone on one worker while the others idle.
+_LONGEST = ("tests/reliability/test_soak.py", "tests/e2e/test_results_validate.py", "tests/e2e/test_viewer_ohif.py",
+            "tests/e2e/test_reports_monitor.py", "tests/e2e/test_heads_serve.py", "tests/e2e/test_production.py")
+_LONG = ("tests/e2e/", "tests/reliability/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        here = (_LONGEST.index(path) - len(_LONGEST) if path in _LONGEST else 1 if item.get_closest_marker("slow")
+                else 2 if path.startswith(_LONG) else 3)
+        rank[path] = min(rank.get(path, 3), here)
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable: each file's order is kept
 
 
 @pytest.fixture
@@ -44,21 +75,44 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def _worker_vhost() -> Iterator[str]:
+    """The shared RabbitMQ on a vhost of this pytest-xdist worker's own, dropped when the session ends."""
+    url = worker_amqp_url(AMQP_URL)
+    yield url
+    vhost = unquote(urlsplit(url).path[1:])
+    if url != AMQP_URL and vhost:
+        rabbitmqctl(["delete_vhost", vhost], check=False)
+
+
+@pytest.fixture(scope="session")
+def _worker_redis() -> str:
+    """The shared Redis on a database of this pytest-xdist worker's own, emptied at the start."""
+    import redis
+
+    url = worker_redis_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
 @pytest.fixture
-def amqp_url() -> str:
+def amqp_url(request: pytest.FixtureRequest) -> str:
+    """The machine's RabbitMQ, on this worker's own vhost."""
     if not reachable("127.0.0.1", 5672):
         pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
-    return AMQP_URL
+    return request.getfixturevalue("_worker_vhost")
 
 
 @pytest.fixture(params=["rabbitmq", "redis"])
 def broker_url(request: pytest.FixtureRequest) -> str:
-    """RabbitMQ (the production default) and Redis (the documented alternative)."""
+    """RabbitMQ (the production default) and Redis (the documented alternative), each this worker's own."""
     if request.param == "rabbitmq":
         return request.getfixturevalue("amqp_url")
     if not reachable("127.0.0.1", 6379):
         pytest.skip("Redis is not running on 127.0.0.1:6379")
-    return REDIS_URL
+    return request.getfixturevalue("_worker_redis")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

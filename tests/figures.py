@@ -21,6 +21,9 @@ def save(name: str, figures: dict) -> Path:
     """Write ``figures`` (plus the time of the run) to ``<FIGURES_DIR>/<name>.json``."""
     FIGURES_DIR.mkdir(parents=True, exist_ok=True)
     path = FIGURES_DIR / f"{name}.json"
-    path.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **figures},
+    # written aside and renamed: tests run in parallel (pytest-xdist), and a reader never sees half a file
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **figures},
                                indent=2, default=str))
+    part.replace(path)
     return path

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
@@ -17,8 +19,46 @@ SHARED_DATA = Path(os.environ.get("PLEURA_SHARED_DATA", ROOT.parent / "shared" /
 REAL_CR = SHARED_DATA / "dicom" / "RG1_J2KI.dcm"
 NIH = SHARED_DATA / "nih-cxr14-sample"
 PG_ADMIN_URL = os.environ.get("PLEURA_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+#: The machine's shared RabbitMQ and Redis. Tests get them through the ``amqp_url`` and ``broker_url``
+#: fixtures, which give each pytest-xdist worker a vhost / database of its own (:func:`worker_amqp_url`,
+#: :func:`worker_redis_url`): Celery's queue names are fixed, and a test that clears or consumes the
+#: ``pleura`` queue must not take another test's messages.
 AMQP_URL = os.environ.get("PLEURA_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("PLEURA_TEST_REDIS", "redis://127.0.0.1:6379/0")
+#: This process's pytest-xdist worker ("gw0", "gw1", ...), "main" when the suite runs in one process.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def worker_index() -> int:
+    """0 for the first pytest-xdist worker (and a run without xdist), 1 for the next, ..."""
+    return int(XDIST_WORKER[2:]) if XDIST_WORKER.startswith("gw") else 0
+
+
+def worker_redis_url(base: str = REDIS_URL) -> str:
+    """``base`` with a database number of this worker's own: 1 for the first worker, 2 for the next, ..."""
+    return f"{base.rpartition('/')[0]}/{1 + worker_index()}"
+
+
+def worker_amqp_url(base: str = AMQP_URL) -> str:
+    """``base`` on a vhost of this worker's own (``pleura-test-gw0`` ...), emptied now: dropped if it was
+    left by an earlier run, then made afresh with all permissions for the URL's user.
+
+    It needs ``rabbitmqctl`` and a broker on this machine; otherwise ``base`` itself (no isolation).
+    """
+    parts = urlsplit(base)
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return base
+    vhost = f"pleura-test-{XDIST_WORKER}"
+    rabbitmqctl(["delete_vhost", vhost], check=False)
+    rabbitmqctl(["add_vhost", vhost])
+    rabbitmqctl(["set_permissions", "-p", vhost, unquote(parts.username or "guest"), ".*", ".*", ".*"])
+    return urlunsplit(parts._replace(path=f"/{quote(vhost, safe='')}"))
+
+
+def rabbitmqctl(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    ctl = shutil.which("rabbitmqctl") or "rabbitmqctl"
+    return subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=120, check=check)
 
 
 def free_port() -> int:

@@ -112,7 +112,8 @@ class PrivateRabbitMQ:
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = {self.port}\n")
         self.env = {
             **os.environ,
-            "RABBITMQ_NODENAME": f"pleura{self.port}@localhost",
+            # unique among the nodes of tests running at once (pytest-xdist workers): the pid, and a port now ours
+            "RABBITMQ_NODENAME": f"pleura{os.getpid()}-{self.port}@localhost",
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
