@@ -30,6 +30,8 @@ from engines.backends import KINDS, auto_order, skipped_by_auto
 from engines.batching import DynamicBatcher
 
 IMAGE_SIZE = 512
+#: a real CR matrix (rows, columns): the one-image latency a study of one radiograph sees
+LARGE_IMAGE = (1955, 1841)
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -40,6 +42,18 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 def _stats(latencies: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000.0
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+
+
+def large_image_latency(engine: Engine, runs: int = 10) -> dict[str, Any]:
+    """Latency of one full-size CR image alone (preprocessing from 1955 x 1841 included)."""
+    image = np.random.default_rng(2).random(LARGE_IMAGE, dtype=np.float32)
+    engine.infer([image])  # warm-up
+    latencies = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        engine.infer([image])
+        latencies.append(time.perf_counter() - t0)
+    return {"image": f"{LARGE_IMAGE[0]}x{LARGE_IMAGE[1]}", "runs": runs, **_stats(latencies)}
 
 
 def batch_sweep(engine: Engine, batch_sizes: Sequence[int], seconds: float) -> list[dict[str, Any]]:
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for engine in engines:
         print(f"{engine.backend} ({engine.precision}): batch sweep", file=sys.stderr)
         report["backends"].append({"backend": engine.backend, "precision": engine.precision,
-                                   "batches": batch_sweep(engine, sizes, args.seconds)})
+                                   "batches": batch_sweep(engine, sizes, args.seconds),
+                                   "large_image": large_image_latency(engine)})
     print(f"{engines[0].backend}: dynamic batching with {args.clients} concurrent clients", file=sys.stderr)
     report["dynamic_batching"] = batching_scenario(
         engines[0], args.clients, args.seconds, args.batch_max, args.batch_max_wait_ms

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,11 @@ def test_out_of_range_pixels_are_refused(ort_engine: Engine) -> None:
         ort_engine.infer([np.zeros((8, 8), np.float32), np.linspace(0, 4095, 64, dtype=np.float32).reshape(8, 8)])
 
 
-def test_cpu_latency_of_one_large_image(ort_engine: Engine) -> None:
+def test_one_large_image_alone(ort_engine: Engine) -> None:
+    """A real CR matrix (1955 x 1841) as a batch of its own: valid outputs, the same each time. How long
+    it takes (about 0.05 s on CPU) is bench.engines' ``large_image`` figure, not a check here."""
     image = np.random.default_rng(2).random((1955, 1841), dtype=np.float32)
-    ort_engine.infer([image])  # warm-up
-    start = time.perf_counter()
-    ort_engine.infer([image])
-    assert time.perf_counter() - start < 1.0  # generous bound for shared CI machines; typical ~0.05 s
+    first, second = ort_engine.infer([image]), ort_engine.infer([image])
+    _check(first, ort_engine, 1)
+    np.testing.assert_array_equal(first.probabilities, second.probabilities)
+    np.testing.assert_array_equal(first.maps, second.maps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -53,11 +52,11 @@ def test_quiet_period_then_exactly_one_job(ledger: Ledger) -> None:
 def test_claim_is_exclusive_and_expired_lease_is_republished(ledger: Ledger) -> None:
     _receive(ledger, "1.2.3.4")
     job_id = sweep(ledger, 0, 60, Published()).queued[0]
-    assert jobs.claim(ledger, job_id, lease_seconds=0.5) is not None
-    assert jobs.claim(ledger, job_id, lease_seconds=0.5) is None  # a duplicated message is harmless
-    time.sleep(0.6)
-    with ledger.session() as s:  # the message was published long ago
-        s.execute(update(Job).values(published_at=utcnow() - timedelta(seconds=120)))
+    assert jobs.claim(ledger, job_id, lease_seconds=60) is not None
+    assert jobs.claim(ledger, job_id, lease_seconds=60) is None  # a duplicated message is harmless
+    with ledger.session() as s:  # the lease ran out, and the message was published long ago
+        s.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1),
+                                     published_at=utcnow() - timedelta(seconds=120)))
     published = Published()
     assert sweep(ledger, 0, 60, published).republished_jobs == [job_id]
     assert jobs.claim(ledger, job_id, lease_seconds=60) is not None  # the lease expired: taken over
@@ -114,10 +113,12 @@ def test_failed_publish_is_retried_next_sweep_and_a_backlog_is_not_multiplied(le
 def test_an_expired_lease_is_republished_once(ledger: Ledger) -> None:
     _receive(ledger, "1.2.3.4")
     job_id = sweep(ledger, 0, 600, Published()).queued[0]
-    assert jobs.claim(ledger, job_id, lease_seconds=0.2) is not None
+    assert jobs.claim(ledger, job_id, lease_seconds=60) is not None
     published = Published()
     assert sweep(ledger, 0, 600, published).republished_jobs == []  # the lease holds
-    time.sleep(0.3)
+    with ledger.session() as s:  # ... until it runs out (the message was published before)
+        s.execute(update(Job).values(published_at=utcnow() - timedelta(seconds=2),
+                                     lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert sweep(ledger, 0, 600, published).republished_jobs == [job_id]
     assert sweep(ledger, 0, 600, published).republished_jobs == []
     assert published == [(PROCESS_TASK, job_id)]

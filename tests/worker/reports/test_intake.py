@@ -201,11 +201,12 @@ def test_bad_reports_get_a_clean_nack_and_nothing_is_stored(pg_url: str, amqp_ur
             assert msa(hl7.parse(answer.decode().strip("\x0b\x1c\r")))[:2] == ("AE", "BIG-1")
             assert wait_for(lambda: client.socket.recv(1) == b"", 10, "the connection to close")
         # a sender that stalls mid-message is disconnected after PLEURA_HL7_TIMEOUT_SECONDS
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:
             stalled.sendall(b"\x0b" + oru("SLOW-1", accession="ACSN-9").encode()[:60])
             began = time.monotonic()
             assert stalled.recv(100) == b""
-            assert TIMEOUT - 0.2 < time.monotonic() - began < TIMEOUT + 3
+            # not before the timeout; after it, as soon as a loaded host gets to it (the reason is checked below)
+            assert TIMEOUT - 0.2 < time.monotonic() - began < TIMEOUT + 30
         # the same MSH-10 again with other content: AE, the first one kept as it was
         assert msa(send_hl7(port, oru("DUP-1", accession="ACSN-9", text="Effusion.")))[0] == "AA"
         code, _, reason = msa(send_hl7(port, oru("DUP-1", accession="ACSN-9", text="No Effusion.")))
