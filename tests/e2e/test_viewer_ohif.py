@@ -273,7 +273,7 @@ def _check(stack: ViewerStack, ledger: Ledger, study: ViewerStudy, job_id: int,
     assert len(srs) == 1, f"{study.name}: one SR per job, got {outputs}"
     sr_sop, sr_path = srs[0]
     sc_sops = sorted(sop for kind, sop, _ in outputs if kind == "SC")
-    targets = [Target(FIGURES_DIR / f"ohif-{study.name}.png", sr_sop)]
+    targets = [Target(FIGURES_DIR / f"ohif-{study.name}.png", sr_sop, drawn=study.source_renders and not study.texts)]
     targets += [Target(FIGURES_DIR / f"ohif-{study.name}-sc{'' if i == 0 else i + 1}.png", sop, "OT")
                 for i, sop in enumerate(sc_sops)]
     views = stack.viewer.view(study.study_uid, targets)

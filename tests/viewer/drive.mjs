@@ -1,7 +1,7 @@
 // Drives one headless Chromium through OHIF for tests/viewer/ohif.py: one JSON request per stdin
 // line, one JSON reply per stdout line (diagnostics go to stderr).
 //   {"cmd": "view", "url": ".../viewer?StudyInstanceUIDs=...", "timeout_ms": N,
-//    "targets": [{"sop": UID|null, "modality": "SR", "screenshot": PATH}, ...]}
+//    "targets": [{"sop": UID|null, "modality": "SR", "screenshot": PATH, "drawn": BOOL}, ...]}
 //     -> {"results": [{"errors": [...], "texts": [...], "annotations": [...], "console": [...],
 //         "shown": {...}, "viewport": {"mean": .., "max": .., "lit": ..}, "seconds": s}, ...]}
 //   The study is opened once; each target series is then double-clicked in turn.
@@ -152,16 +152,22 @@ async function errorDetails(page) {
   return details;
 }
 
+// The viewport's canvas shows an image (as ViewResult.image_shown in tests/viewer/ohif.py decides).
+const drawn = (viewport) => !!viewport && viewport.lit > 0.05 && viewport.max > 64;
+
 // Waits until the screen (text, SVG text, error texts, canvas brightness) has not changed for
-// SETTLED_MS with nothing loading; false if the deadline came first.
-async function settle(page, patterns, deadline) {
+// SETTLED_MS with nothing loading and, when the viewport holds an image (needsImage), with that
+// image drawn: a loaded machine can leave the canvas black for longer than SETTLED_MS before it
+// draws. Marked late if the deadline came first.
+async function settle(page, patterns, deadline, needsImage = false) {
   let key = '';
   let since = Date.now();
   for (;;) {
     const now = await page.evaluate(screen, patterns);
     const k = JSON.stringify([now.dom, now.annotations, now.errors, now.viewport, now.loading]);
     if (k !== key) { key = k; since = Date.now(); }
-    if (Date.now() - since >= SETTLED_MS && !now.loading) return now;
+    const ready = !now.loading && (!needsImage || drawn(now.viewport));
+    if (Date.now() - since >= SETTLED_MS && ready) return now;
     if (Date.now() > deadline) return { ...now, late: true };
     await sleep(250);
   }
@@ -223,7 +229,12 @@ async function showSeries(page, state, target, patterns, deadline) {
     return !!viewport.image && viewport.image.loaded && viewport.image.owners.includes(uid);
   }, [chosen.uid, chosen.modality], deadline, patterns, seenErrors);
   if (!ok) errors.push('driver: the series was not shown in a viewport after a double-click');
-  let now = await settle(page, patterns, deadline);
+  // an image series, or an SR whose findings are on an image: wait for that image to be drawn
+  const needsImage = await page.evaluate((uid) => {
+    const viewport = window.__pleuraDisplaySets()?.viewports.find((v) => v.displaySets.includes(uid));
+    return !!(viewport && viewport.image);
+  }, chosen.uid).then((image) => image && target.drawn !== false).catch(() => false);
+  let now = await settle(page, patterns, deadline, needsImage);
   if (now.late) errors.push('driver: the screen did not settle in time');
   shown.viewports = (await page.evaluate(() => window.__pleuraDisplaySets())).viewports;
   await page.screenshot({ path: target.screenshot });
@@ -239,7 +250,7 @@ async function showSeries(page, state, target, patterns, deadline) {
       const arrow = await page.$('[data-cy="viewport-action-arrows-right"]');
       if (!arrow) { errors.push('driver: findings on several images but no arrows to reach them'); break; }
       await arrow.click();
-      now = await settle(page, patterns, deadline);
+      now = await settle(page, patterns, deadline, needsImage);
       sr = await page.evaluate(srState, chosen.uid);
       const fresh = sr.current.filter((i) => !visited.has(i));
       if (fresh.length) {

@@ -164,6 +164,9 @@ class Target:
     screenshot: Path
     sop_instance_uid: str | None = None
     modality: str = "SR"
+    #: the image in its viewport must be drawn before the screen counts as settled (false where the
+    #: image is known not to render, so that the driver does not wait for it until the timeout)
+    drawn: bool = True
 
 
 class Viewer:
@@ -219,8 +222,8 @@ class Viewer:
             target.screenshot.parent.mkdir(parents=True, exist_ok=True)
         request = {"cmd": "view", "url": f"{self.base_url}/viewer?StudyInstanceUIDs={study_uid}",
                    "timeout_ms": int(timeout * 1000),
-                   "targets": [{"sop": t.sop_instance_uid, "modality": t.modality, "screenshot": str(t.screenshot)}
-                               for t in targets]}
+                   "targets": [{"sop": t.sop_instance_uid, "modality": t.modality, "screenshot": str(t.screenshot),
+                                "drawn": t.drawn} for t in targets]}
         assert self.driver.stdin is not None
         self.driver.stdin.write(json.dumps(request) + "\n")
         self.driver.stdin.flush()
