@@ -87,7 +87,9 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
     pg, rmq = _services(request)
     dest, dest_port = storescp(tmp_path / "received", tmp_path / "storescp.log")
     port, listen_http, worker_http = free_port(), free_port(), free_port()
-    env = pleura_env(tmp_path, pg.url, rmq.url, port, f"DEST@127.0.0.1:{dest_port}")
+    # every study completes at the association's release (the settle rule): a quiet period no loaded
+    # host's pause between two C-STOREs reaches, so none completes by it
+    env = pleura_env(tmp_path, pg.url, rmq.url, port, f"DEST@127.0.0.1:{dest_port}", study_quiet_seconds=600)
     # the batch histogram is checked against the jobs' batching: no image inferred on arrival, one per batch
     env["PLEURA_PREPARE_ON_ARRIVAL"] = "false"
     pleura_run(env, "db", "upgrade")
@@ -111,8 +113,8 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
         assert not rejected.associate("127.0.0.1", port, ae_title="NOT_PLEURA").is_established
 
         wait_for(lambda: _sample(_metrics(worker_http), "pleura_delivery_attempts_total", outcome="delivered")
-                 == OUTPUTS, 60, "every result delivered")
-        wait_for(lambda: _sample(_metrics(listen_http), "pleura_associations_active") == 0, 10,
+                 == OUTPUTS, 180, "every result delivered")
+        wait_for(lambda: _sample(_metrics(listen_http), "pleura_associations_active") == 0, 60,
                  "the association's end")
         lm, wm = _metrics(listen_http), _metrics(worker_http)
 
@@ -154,14 +156,14 @@ def test_metrics_count_the_studies_sent_and_readyz_follows_the_database(
         pg.stop()
         stopped = time.monotonic()
         for http in (listen_http, worker_http):
-            ready = wait_for(lambda h=http: (r := _ready(h))[0] == 503 and r[1], 10, "unready without the database")
+            ready = wait_for(lambda h=http: (r := _ready(h))[0] == 503 and r[1], 60, "unready without the database")
             assert not ready["database"]["ok"] and ready["broker"]["ok"], ready
         unready_after = time.monotonic() - stopped
         assert _sample(_metrics(listen_http), "pleura_ledger_up") == 0  # the page is still served
         pg.start()
         started = time.monotonic()
         for http in (listen_http, worker_http):
-            wait_for(lambda h=http: _ready(h)[0] == 200, 15, "ready again once the database is back")
+            wait_for(lambda h=http: _ready(h)[0] == 200, 60, "ready again once the database is back")
         save("metrics-readiness", {
             "studies": STUDIES, "images": STUDIES * IMAGES, "deliveries": OUTPUTS,
             "unready_after_database_stop_s": round(unready_after, 2),

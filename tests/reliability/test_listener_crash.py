@@ -42,7 +42,10 @@ from tests.support import free_port, wait_for
 
 IMAGES = 30
 KILL_AFTER_ACKS = 10
-QUIET = 20  # longer than a listener restart, so the resend joins the same study revision
+#: Longer, with a wide margin, than the sender's wait on the answer the kill lost (10 s) plus a listener
+#: restart on a loaded host: the resend must join the same study revision, which (its first association
+#: aborted) completes only by the quiet period.
+QUIET = 60
 
 pytestmark = pytest.mark.integration
 

@@ -35,7 +35,12 @@ from worker.ledger.db import Ledger as LedgerDb
 from worker.storage import DatabaseStorage, instance_key
 
 STUDIES, IMAGES, SPLIT, KILLED = 10, 4, 4, 7  # studies 0-3 split, 4-6 to A, 7-9 to B; A dies during 7
-QUIET = 5
+#: The killed study's first association was aborted, so it completes by the quiet period once the
+#: resend to B ends: far longer than the gap between the kill and the resend on a loaded host.
+QUIET = 30
+#: The halves of a split study go to both listeners at once: a half whose association ends first must
+#: wait for the other (the settle time) even when a loaded host starts the second sender late.
+SETTLE = 5
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +54,7 @@ def test_two_listeners_two_workers_no_shared_paths(pg_url: str, broker: PrivateR
 
     def env(name: str, port: int) -> dict[str, str]:
         return {**production_env(pg_url, broker.url, tmp_path / name, port, dest_port, QUIET),
-                "PLEURA_STORAGE": "database"}
+                "PLEURA_STORAGE": "database", "PLEURA_STUDY_SETTLE_SECONDS": str(SETTLE)}
 
     pleura_run(env("setup", 0), "db", "upgrade")
     listen = {n: pleura("listen", env(f"listen-{n}", p), tmp_path / f"listen-{n}.log") for n, p in ports.items()}
@@ -87,6 +92,11 @@ def test_two_listeners_two_workers_no_shared_paths(pg_url: str, broker: PrivateR
                     and ledger.scalar("SELECT count(*) FROM deliveries") == STUDIES * (IMAGES + 1))
 
         wait_for(delivered, QUIET + 120, "every study delivered", interval=0.5)
+
+        def kept_by_workers() -> list[Path]:  # a worker removes its copies once the database holds them
+            return [p for name in ("worker-x", "worker-y") for p in (tmp_path / name).rglob("*.dcm") if p.is_file()]
+
+        wait_for(lambda: not kept_by_workers(), 60, "the workers' outbox copies removed", interval=0.5)
 
     objects = [dcmread(p, stop_before_pixels=True) for p in (tmp_path / "received").iterdir()]
     copies = Counter(str(o.SOPInstanceUID) for o in objects)

@@ -58,25 +58,30 @@ def test_a_job_whose_worker_dies_every_time_is_quarantined_at_claim(db_url: str)
 
 def test_isolation_runs_a_suspect_job_alone() -> None:
     """Exclusive holders wait for shared ones to leave and keep new shared ones out until done."""
-    isolation, order, inside = jobs.Isolation(), [], threading.Event()
+    isolation, order, inside, release_a = jobs.Isolation(), [], threading.Event(), threading.Event()
 
-    def job(name: str, exclusive: bool, hold: float) -> None:
+    def job(name: str, exclusive: bool, until: threading.Event | None = None) -> None:
         with isolation.hold(exclusive):
             order.append(f"{name}+")
             inside.set()
-            time.sleep(hold)
+            if until is None:
+                time.sleep(0.05)
+            else:
+                until.wait(30)
             order.append(f"{name}-")
 
-    first = threading.Thread(target=job, args=("a", False, 0.3))
+    first = threading.Thread(target=job, args=("a", False, release_a))  # holds its share until released
     first.start()
-    inside.wait(5)
-    suspect = threading.Thread(target=job, args=("suspect", True, 0.3))
+    assert inside.wait(30)
+    suspect = threading.Thread(target=job, args=("suspect", True))
     suspect.start()
-    time.sleep(0.1)  # the suspect is waiting now; a later ordinary job must queue behind it
-    later = threading.Thread(target=job, args=("b", False, 0.01))
+    wait_for(lambda: isolation._waiting_exclusive == 1, 30, "the suspect waiting for the lock", interval=0.01)
+    later = threading.Thread(target=job, args=("b", False))  # must queue behind the waiting suspect
     later.start()
+    later.join(0.2)  # time for it to (wrongly) join "a"
+    release_a.set()
     for t in (first, suspect, later):
-        t.join(10)
+        t.join(30)
     assert order == ["a+", "a-", "suspect+", "suspect-", "b+", "b-"]
 
 
@@ -149,7 +154,7 @@ def test_poison_studies_are_quarantined_while_others_flow(
                     and not rows("SELECT id FROM deliveries WHERE state <> 'DELIVERED'")
                     and len(rows("SELECT id FROM deliveries")) == 2 * len(ordinary))
 
-        wait_for(settled, 120, "poison studies quarantined and the others delivered", interval=0.5)
+        wait_for(settled, 300, "poison studies quarantined and the others delivered", interval=0.5)
 
         killed, starved = study(kill), study(oom)
         assert killed["job_state"] == "FAILED" and killed["attempts"] == MAX_ATTEMPTS

@@ -87,9 +87,10 @@ def test_kill_broker_and_database_restarts_deliver_each_study_once(
         assert killed_attempts >= 1
         workers.append(pleura("worker", env, tmp_path / "worker2.log", "--name", "second"))
 
-        # 2. the broker goes away while the sweeper queues the next wave
-        send(tmp_path / "wave1")
+        # 2. the broker goes away while the sweeper queues the next wave (gone before that wave is sent, so
+        # that the sweeper cannot have published it first)
         rmq.stop()
+        send(tmp_path / "wave1")
         wait_for(lambda: scalar("SELECT count(*) FROM jobs") == 2 * WAVE, 60, "the second wave queued")
         wait_for(lambda: any("publish failed" in line and "process_job" in line
                              for line in listen.log.read_text().splitlines()), 30, "the sweeper's publish to fail")
