@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -61,8 +63,27 @@ def rabbitmqctl(args: list[str], check: bool = True) -> subprocess.CompletedProc
     return subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=120, check=check)
 
 
+#: free_port hands out ports below the kernel's ephemeral range (ip_local_port_range, 32768-60999 on
+#: Linux), a block of its own to each pytest-xdist worker: the kernel never gives them to another
+#: process's bind(0) or outgoing connection, and two workers never pick the same one, so a port stays
+#: ours between free_port() and the bind of the process it is for (bind(0) ports were taken in that
+#: gap when tests ran in parallel). Each is checked free before it is handed out.
+_PORT_BASE, _PORTS_PER_WORKER = 20000, 1500
+_port_offset = itertools.count(random.randrange(_PORTS_PER_WORKER))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    first = _PORT_BASE + worker_index() * _PORTS_PER_WORKER
+    if first + _PORTS_PER_WORKER <= 32768:
+        for _ in range(_PORTS_PER_WORKER):
+            port = first + next(_port_offset) % _PORTS_PER_WORKER
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # in use, or in TIME_WAIT from an earlier test
+                    continue
+                return port
+    with socket.socket() as sock:  # more workers than blocks, or none free: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
