@@ -39,12 +39,12 @@ def test_two_processes_share_the_port_and_fall_together(pg_url: str, amqp_url: s
         send_concurrently(port, studies[:4], log)
         first.suspend()  # a stopped process accepts nothing: the forked one must serve this association
         try:
-            send(port, studies[4], log, timeout=10)
+            send(port, studies[4], log, timeout=60)
         finally:
             first.resume()
         forked.suspend()
         try:
-            send(port, studies[5], log, timeout=10)
+            send(port, studies[5], log, timeout=60)
         finally:
             forked.resume()
         assert log.errors == [] and set(log.statuses.values()) == {0}, (log.errors, log.statuses)
