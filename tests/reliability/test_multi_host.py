@@ -41,6 +41,9 @@ QUIET = 30
 #: The halves of a split study go to both listeners at once: a half whose association ends first must
 #: wait for the other (the settle time) even when a loaded host starts the second sender late.
 SETTLE = 5
+#: No worker is killed here: a lease far longer than a job on a loaded host, so that none is lost to a
+#: starved renewal (a worker whose lease is lost drops its results and leaves their outbox copies).
+LEASE = 300
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +56,7 @@ def test_two_listeners_two_workers_no_shared_paths(pg_url: str, broker: PrivateR
     ports = {"a": free_port(), "b": free_port()}
 
     def env(name: str, port: int) -> dict[str, str]:
-        return {**production_env(pg_url, broker.url, tmp_path / name, port, dest_port, QUIET),
+        return {**production_env(pg_url, broker.url, tmp_path / name, port, dest_port, QUIET, lease=LEASE),
                 "PLEURA_STORAGE": "database", "PLEURA_STUDY_SETTLE_SECONDS": str(SETTLE)}
 
     pleura_run(env("setup", 0), "db", "upgrade")

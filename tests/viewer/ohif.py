@@ -215,7 +215,7 @@ class Viewer:
             raise RuntimeError(f"the browser driver exited ({self.driver.poll()}); see {self._driver_log.name}")
         return json.loads(line)
 
-    def view(self, study_uid: str, targets: Sequence[Target], *, timeout: float = 180) -> list[ViewResult]:
+    def view(self, study_uid: str, targets: Sequence[Target], *, timeout: float = 60) -> list[ViewResult]:
         """Open the study once and show each target series in turn (double-click on its thumbnail),
         waiting each time for the screen to settle; one :class:`ViewResult` per target."""
         for target in targets:
