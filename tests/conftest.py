@@ -17,12 +17,12 @@ from tests.support import (
     PG_ADMIN_URL,
     REAL_CR,
     REDIS_URL,
+    claim_redis_url,
     errors_and_warnings,
     rabbitmqctl,
     reachable,
     require_tool,
     worker_amqp_url,
-    worker_redis_url,
 )
 
 #: Under pytest-xdist (``--dist loadfile``, pyproject.toml) a test file runs whole on one worker and
@@ -77,7 +77,7 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def _worker_vhost() -> Iterator[str]:
-    """The shared RabbitMQ on a vhost of this pytest-xdist worker's own, dropped when the session ends."""
+    """The shared RabbitMQ on a vhost of this test process's own, dropped when the session ends."""
     url = worker_amqp_url(AMQP_URL)
     yield url
     vhost = unquote(urlsplit(url).path[1:])
@@ -86,15 +86,11 @@ def _worker_vhost() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def _worker_redis() -> str:
-    """The shared Redis on a database of this pytest-xdist worker's own, emptied at the start."""
-    import redis
-
-    url = worker_redis_url(REDIS_URL)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
+def _worker_redis() -> Iterator[str]:
+    """The shared Redis on a database of this test process's own, emptied at the start."""
+    url, release = claim_redis_url(REDIS_URL)
+    yield url
+    release()
 
 
 @pytest.fixture

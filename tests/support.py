@@ -22,9 +22,9 @@ REAL_CR = SHARED_DATA / "dicom" / "RG1_J2KI.dcm"
 NIH = SHARED_DATA / "nih-cxr14-sample"
 PG_ADMIN_URL = os.environ.get("PLEURA_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 #: The machine's shared RabbitMQ and Redis. Tests get them through the ``amqp_url`` and ``broker_url``
-#: fixtures, which give each pytest-xdist worker a vhost / database of its own (:func:`worker_amqp_url`,
-#: :func:`worker_redis_url`): Celery's queue names are fixed, and a test that clears or consumes the
-#: ``pleura`` queue must not take another test's messages.
+#: fixtures, which give each test process (pytest-xdist worker) a vhost / database of its own
+#: (:func:`worker_amqp_url`, :func:`claim_redis_url`): Celery's queue names are fixed, and a test that
+#: clears or consumes the ``pleura`` queue must not take another test's messages.
 AMQP_URL = os.environ.get("PLEURA_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("PLEURA_TEST_REDIS", "redis://127.0.0.1:6379/0")
 #: This process's pytest-xdist worker ("gw0", "gw1", ...), "main" when the suite runs in one process.
@@ -36,26 +36,70 @@ def worker_index() -> int:
     return int(XDIST_WORKER[2:]) if XDIST_WORKER.startswith("gw") else 0
 
 
-def worker_redis_url(base: str = REDIS_URL) -> str:
-    """``base`` with a database number of this worker's own: 1 for the first worker, 2 for the next, ..."""
-    return f"{base.rpartition('/')[0]}/{1 + worker_index()}"
+def claim_redis_url(base: str = REDIS_URL) -> tuple[str, Callable[[], None]]:
+    """``base`` on a database (1-15) no other test process holds, and the function that gives it back.
+
+    Test processes (pytest-xdist workers, and those of another run on this machine) claim a database
+    with a lock key in database 0 (SET NX, gone after 2 h should a process die holding it); the
+    database is emptied when claimed. No free one: ``base`` itself (no isolation).
+    """
+    import redis
+
+    prefix = base.rpartition("/")[0]
+    locks = redis.Redis.from_url(f"{prefix}/0")
+    try:
+        for db in range(1, 16):
+            key = f"pleura-test-db-lock:{db}"
+            if locks.set(key, os.getpid(), nx=True, ex=7200):
+                url = f"{prefix}/{db}"
+                client = redis.Redis.from_url(url)
+                client.flushdb()
+                client.close()
+
+                def release(key: str = key) -> None:
+                    done = redis.Redis.from_url(f"{prefix}/0")
+                    if done.get(key) == str(os.getpid()).encode():
+                        done.delete(key)
+                    done.close()
+
+                return url, release
+    finally:
+        locks.close()
+    return base, lambda: None
 
 
 def worker_amqp_url(base: str = AMQP_URL) -> str:
-    """``base`` on a vhost of this worker's own (``pleura-test-gw0`` ...), emptied now: dropped if it was
-    left by an earlier run, then made afresh with all permissions for the URL's user.
+    """``base`` on a fresh vhost of this test process's own (``pleura-test-<pid>``), with all permissions for
+    the URL's user; vhosts that processes now dead left behind are dropped first.
 
-    It needs ``rabbitmqctl`` and a broker on this machine; otherwise ``base`` itself (no isolation).
+    Named after the process, not the xdist worker: two runs on one machine (each with a gw0) must not
+    share or drop each other's vhost. It needs ``rabbitmqctl`` and a broker on this machine; otherwise
+    ``base`` itself (no isolation).
     """
     parts = urlsplit(base)
     ctl = shutil.which("rabbitmqctl")
     if ctl is None or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         return base
-    vhost = f"pleura-test-{XDIST_WORKER}"
+    listed = rabbitmqctl(["list_vhosts", "name"], check=False).stdout.split()
+    for name in listed:
+        pid = name.removeprefix("pleura-test-")
+        if name.startswith("pleura-test-") and pid.isdigit() and not _alive(int(pid)):
+            rabbitmqctl(["delete_vhost", name], check=False)
+    vhost = f"pleura-test-{os.getpid()}"
     rabbitmqctl(["delete_vhost", vhost], check=False)
     rabbitmqctl(["add_vhost", vhost])
     rabbitmqctl(["set_permissions", "-p", vhost, unquote(parts.username or "guest"), ".*", ".*", ".*"])
     return urlunsplit(parts._replace(path=f"/{quote(vhost, safe='')}"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rabbitmqctl(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
