@@ -1,7 +1,7 @@
 """Completion from the association (issue 15) against a real `pleura serve`, default settle time.
 
 Three studies at once: one sent over two associations (each released; the second once the
-first's revision is queued), one over an association kept open with its images 3 s apart, one
+first's revision is done), one over an association kept open with its images 3 s apart, one
 whose association is aborted. The first completes at each release (a revision naming the first
 SR holds both images), the others by the quiet period only, the open one with both images in
 its one revision. The quiet period is far longer than the open association's gap, so that a
@@ -67,15 +67,18 @@ def test_released_studies_complete_at_once_open_and_aborted_ones_by_the_quiet_pe
         cut = _associate(port)
         _store(cut, aborted[0])
         cut.abort()
-        for ds in two_sends:  # two associations, 3 s apart
-            first = _associate(port)
-            _store(first, ds)
-            first.release()
-            if ds is two_sends[0]:
-                wait_for(lambda: jobs(two_sends), 60, "the first association's revision queued", interval=0.1)
+        first = _associate(port)
+        _store(first, two_sends[0])
+        first.release()
         time.sleep(max(0.0, HELD_GAP - (time.monotonic() - opened)))
         assert jobs(held_open) == []  # open and not quiet yet: nothing decided
         _store(held, held_open[1])
+        # the second association once the first's revision is done, so that its SR names the first's
+        wait_for(lambda: any(state == "SUCCEEDED" for _, _, state, _ in jobs(two_sends)), 120,
+                 "the first association's revision done", interval=0.1)
+        second = _associate(port)
+        _store(second, two_sends[1])
+        second.release()
         wait_for(lambda: jobs(held_open), QUIET + 60, "the held-open study queued by the quiet period")
         held.release()
 
