@@ -12,7 +12,8 @@ test:
 	bash .ci/setup
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports  # the layers: pyproject.toml [tool.importlinter], docs/architecture.md
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -m 'not alone'
+	.venv/bin/pytest -q -n 0 -m alone  # tests/e2e/test_viewer_ohif.py: headless Chromium, starved beside the others
 
 lint:
 	.venv/bin/ruff check .

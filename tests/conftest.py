@@ -29,7 +29,7 @@ from tests.support import (
 #: files go out in collection order: the long ones first (the longest measured, then any file with a
 #: ``slow`` test, then the end-to-end and reliability suites), so that the run does not end with one
 #: of them alone on one worker while the others idle.
-_LONGEST = ("tests/reliability/test_soak.py", "tests/e2e/test_results_validate.py", "tests/e2e/test_viewer_ohif.py",
+_LONGEST = ("tests/reliability/test_soak.py", "tests/e2e/test_results_validate.py",
             "tests/e2e/test_reports_monitor.py", "tests/e2e/test_heads_serve.py", "tests/e2e/test_production.py")
 _LONG = ("tests/e2e/", "tests/reliability/")
 

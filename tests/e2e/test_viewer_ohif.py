@@ -53,7 +53,8 @@ from worker.ledger.models import (
 )
 from worker.synth.studies import png_to_dataset, read_labels
 
-pytestmark = pytest.mark.integration
+#: a browser that draws images: run alone, after the parallel suite (Makefile)
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 QUIET = 1
 #: OHIF prints the NUM's value with toFixed(2); the ledger keeps the model's float.
