@@ -36,7 +36,7 @@ def test_two_processes_share_the_port_and_fall_together(pg_url: str, amqp_url: s
 
         studies = small_studies(nih, 6, 2, size=64)
         log = SendLog()
-        send_concurrently(port, studies[:4], log)
+        send_concurrently(port, studies[:4], log, resend_after_abort=2)
         first.suspend()  # a stopped process accepts nothing: the forked one must serve this association
         try:
             send(port, studies[4], log, timeout=60)

@@ -109,7 +109,7 @@ def test_listener_killed_mid_association(pg_url: str, broker: PrivateRabbitMQ, n
 
         resend = SendLog()
         resent_at = time.monotonic()
-        send(port, study, resend)  # the PACS resends the whole study
+        send(port, study, resend, resend_after_abort=2)  # the PACS resends the whole study
         assert [s for _, s in resend.answers] == [SUCCESS] * IMAGES
 
         def delivered() -> bool:

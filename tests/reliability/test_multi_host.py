@@ -75,9 +75,9 @@ def test_two_listeners_two_workers_no_shared_paths(pg_url: str, broker: PrivateR
             for t in halves:
                 t.join(60)
         for study in studies[SPLIT:KILLED]:
-            send(ports["a"], study, log)
+            send(ports["a"], study, log, resend_after_abort=2)
         for study in studies[KILLED + 1:]:
-            send(ports["b"], study, log)
+            send(ports["b"], study, log, resend_after_abort=2)
         assert all(s == SUCCESS for _, s in log.answers) and len(log.answers) == (STUDIES - 1) * IMAGES
 
         killed = studies[KILLED]
@@ -86,7 +86,7 @@ def test_two_listeners_two_workers_no_shared_paths(pg_url: str, broker: PrivateR
             dying.with_status(SUCCESS)) >= IMAGES // 2 and listen["a"].alive() else None, timeout=10)
         assert not listen["a"].alive() and len(dying.with_status(SUCCESS)) < IMAGES
         resend = SendLog()
-        send(ports["b"], killed, resend)  # the PACS fails over to the other listener
+        send(ports["b"], killed, resend, resend_after_abort=2)  # the PACS fails over to the other listener
         assert [s for _, s in resend.answers] == [SUCCESS] * IMAGES
 
         def delivered() -> bool:

@@ -66,7 +66,7 @@ def test_spool_full_refuses_then_resumes(nih: Path, tmp_path: Path, small_spool:
     with running(serve), closing(ledger):
         wait_port(port, serve, timeout=120)
         full = SendLog()
-        send(port, study, full)
+        send(port, study, full, resend_after_abort=2)  # a C-STORE response pynetdicom lost is sent again
         statuses = [s for _, s in full.answers]
         accepted = statuses.count(SUCCESS)
         refused_uids = [uid for uid, s in full.answers if s == OUT_OF_RESOURCES]
@@ -83,7 +83,7 @@ def test_spool_full_refuses_then_resumes(nih: Path, tmp_path: Path, small_spool:
 
         filler.unlink()  # space returns; the same process carries on
         resumed = SendLog()
-        send(port, [ds for ds in study if str(ds.SOPInstanceUID) in refused_uids], resumed)
+        send(port, [ds for ds in study if str(ds.SOPInstanceUID) in refused_uids], resumed, resend_after_abort=2)
         assert serve.alive()
         assert [s for _, s in resumed.answers] == [SUCCESS] * len(refused_uids)
         files, temps = spool_files(small_spool)
