@@ -11,23 +11,28 @@ from worker.settings import Settings
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> None:
-    """C-STORE ``args.paths``; one line (or ``--json`` record) per file; exit 1 if any was not stored."""
-    from dicom_node.scu import AssociationRejected, collect_files, send_files
+    """C-STORE ``args.paths`` one file at a time; one line (or ``--json`` record) per file, an unreadable
+    file included; exit 1 if any was not stored."""
+    from dicom_node.scu import AssociationRejected, collect_files, iter_send_files
 
+    records: list[dict] = []
+    sent = failed = 0
     try:
         files = collect_files(args.paths)
-        results = send_files(args.host, args.port, files, called_ae=args.called_ae, calling_ae=args.calling_ae)
+        for r in iter_send_files(args.host, args.port, files, called_ae=args.called_ae, calling_ae=args.calling_ae):
+            sent, failed = sent + r.ok, failed + (not r.ok)
+            if args.json:
+                records.append({"file": r.name, "sop_instance_uid": r.sop_instance_uid,
+                                "status": _dimse_status(r.status), "ok": r.ok, "error": r.error})
+            else:
+                print(f"{_dimse_status(r.status) or 'not sent'}  {r.name}" + (f"  ({r.error})" if r.error else ""),
+                      flush=True)
     except (FileNotFoundError, AssociationRejected, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    failed = sum(not r.ok for r in results)
     if args.json:
-        print(json.dumps({"sent": len(results) - failed, "failed": failed, "results": [
-            {"file": r.name, "sop_instance_uid": r.sop_instance_uid, "status": _dimse_status(r.status), "ok": r.ok,
-             "error": r.error} for r in results]}, indent=2))
+        print(json.dumps({"sent": sent, "failed": failed, "results": records}, indent=2))
     else:
-        for r in results:
-            print(f"{_dimse_status(r.status) or 'not sent'}  {r.name}" + (f"  ({r.error})" if r.error else ""))
-        print(f"{len(results) - failed} sent, {failed} failed")
+        print(f"{sent} sent, {failed} failed")
     sys.exit(1 if failed else 0)
 
 
