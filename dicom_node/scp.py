@@ -34,6 +34,8 @@ from typing import Protocol
 import structlog
 from pydicom import dcmread, uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -45,6 +47,10 @@ log = structlog.get_logger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+#: PS3.4 B.2.3: the data set is not of the presentation context's SOP class.
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: PS3.7 C.4.2: a SOP class the listener does not take at all.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: The end reason of an association the peer ended with an A-RELEASE (others begin "aborted").
 RELEASED = "released"
 
@@ -309,6 +315,16 @@ class StorageSCP:
             except Exception:
                 log.exception("association end could not be recorded")
 
+    def _refused_before_handler(self, assoc: Association, sop_uid: str, status: int, reason: str) -> None:
+        """Log and record a C-STORE that pynetdicom would not hand to ``_on_store``."""
+        with self._lock:
+            key = self._keys.get(id(assoc))
+        log.warning("C-STORE refused", status=f"0x{status:04X}", reason=reason)
+        try:
+            self.receiver.instance_refused(key, sop_uid, status, reason)
+        except Exception:
+            log.exception("refusal could not be recorded")
+
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
             key = self._keys.get(id(event.assoc))
@@ -493,12 +509,60 @@ class _BulkReadSocket(AssociationSocket):
 
 
 class _RequestHandler(RequestHandler):
-    """Gives each association a :class:`_BulkReadSocket`."""
+    """Gives each association a :class:`_BulkReadSocket` and makes it a :class:`_SOPClassCheckedAssociation`."""
 
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = _BulkReadSocket  # same state, faster recv
+        assoc.__class__ = _SOPClassCheckedAssociation
+        assoc.scp = self.server.scp
         return assoc
+
+
+#: The SOP classes the listener takes, each on its own presentation context.
+_STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
+
+
+class _SOPClassCheckedAssociation(Association):
+    """pynetdicom's association, but a C-STORE whose SOP class is not its presentation context's, or
+    is no storage class, is answered with a failure status and recorded, and the association goes on.
+
+    pynetdicom picks the service class by the request's SOP class: for a class it has no service
+    for it aborts the association (``Association._serve_request``: "No supported service class
+    available"), losing every instance the peer has queued behind it; a storage class on another
+    class's context would reach ``_on_store`` as if it had been negotiated.
+    """
+
+    scp: StorageSCP
+
+    def _serve_request(self, msg, context_id: int) -> None:  # type: ignore[no-untyped-def]
+        context = self._accepted_cx.get(context_id)
+        refusal = None
+        if isinstance(msg, C_STORE) and context is not None and msg.is_valid_request:
+            refusal = _sop_class_refusal(str(msg.AffectedSOPClassUID), str(context.abstract_syntax))
+        if refusal is None:
+            super()._serve_request(msg, context_id)
+            return
+        status, reason = refusal
+        self.scp._refused_before_handler(self, str(msg.AffectedSOPInstanceUID), status, reason)
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        rsp.Status = status
+        self.dimse.send_msg(rsp, context_id)
+
+
+def _sop_class_refusal(requested: str, negotiated: str) -> tuple[int, str] | None:
+    """The status and reason for a C-STORE of SOP class ``requested`` on a context for ``negotiated``;
+    None when it is a storage class on its own context."""
+    if requested not in _STORAGE_CLASSES:
+        shown = requested if uid.UID(requested).is_valid else "an invalid UID"
+        return SOP_CLASS_NOT_SUPPORTED, f"SOP class not supported: {shown} is not a storage SOP class taken here"
+    if requested != negotiated:
+        return DOES_NOT_MATCH_SOP_CLASS, (f"data set does not match SOP class: {requested} sent on the "
+                                          f"presentation context for {negotiated}")
+    return None
 
 
 def bind(host: str, port: int) -> socket.socket:
