@@ -12,9 +12,16 @@ gate must give every accepted instance a clean answer. Deterministic and bounded
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import pydicom.data
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +35,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     RLELossless,
 )
+from sqlalchemy import select
 
 from tests.figures import save
 from tests.security.make_corpus import (
@@ -43,6 +51,15 @@ from tests.security.make_corpus import (
     set_value,
 )
 from tests.security.test_malformed import Listener, gate_file, leftovers, listener, send_file  # noqa: F401
+from tests.support import wait_for
+from worker.ledger import Association
+
+PLEURA = str(Path(sys.executable).with_name("pleura"))
+#: pydicom's own test files, installed with it (no download).
+PYDICOM_TEST_FILES = Path(pydicom.data.__file__).with_name("test_files")
+#: What the listener and the sender make of them with pydicom 3.0: (stored, refused by the listener,
+#: not sent by the sender: not DICOM, no File Meta header, no SOP class, cannot be encoded).
+PYDICOM_OUTCOMES = {"stored": 144, "refused": 4, "not sent": 28}
 
 MAX_EXAMPLES = 120
 UID_TAGS = (0x00080018, 0x0020000D, 0x0020000E)
@@ -170,3 +187,40 @@ def _with_uid(ds, uid: str):  # type: ignore[no-untyped-def]
     ds = ds.copy()
     ds.SOPInstanceUID = uid
     return ds
+
+
+@pytest.mark.integration
+def test_pydicom_test_files_through_pleura_send(listener: Listener, tmp_path: Path,  # noqa: F811
+                                                capsys: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """All of pydicom's test files in one ``pleura send``: each is stored, refused with a recorded reason, or
+    reported by the sender; the association ends in a release; nothing raises in the listener."""
+    caplog.set_level(logging.WARNING)
+    done = subprocess.run([PLEURA, "send", "127.0.0.1", str(listener.port), str(PYDICOM_TEST_FILES), "--json"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PLEURA_DATA_DIR": str(tmp_path / "var")})
+    assert done.returncode == 1, done.stderr  # some files are not DICOM instances
+    results = json.loads(done.stdout)["results"]
+    assert len(results) == sum(1 for p in PYDICOM_TEST_FILES.rglob("*") if p.is_file())
+    outcome = Counter("stored" if r["ok"] else "refused" if r["status"] else "not sent" for r in results)
+    assert dict(outcome) == PYDICOM_OUTCOMES, [(Path(r["file"]).name, r["status"], r["error"]) for r in results
+                                               if not r["ok"]]
+    instances = {i.sop_instance_uid for i in listener.instances()}
+    assert {r["sop_instance_uid"] for r in results if r["ok"]} <= instances
+    refusals = {(r["sop_instance_uid"], r["status"]) for r in listener.refusals() if r["reason"]}
+    refused = [(r["sop_instance_uid"], r["status"]) for r in results if r["status"] and not r["ok"]]
+    assert set(refused) <= refusals  # each with its status and a reason in the event trail
+    assert all(r["error"] and "association lost" not in r["error"] for r in results if r["status"] is None)
+
+    def ends() -> list[str | None] | None:
+        with listener.ledger.session() as s:
+            reasons = [a.end_reason for a in s.scalars(select(Association))]
+        return reasons if all(reasons) else None
+
+    assert wait_for(ends, 10, "the association's end to be recorded") == ["released"]
+    assert leftovers(listener.spool) == []
+    logged = capsys.readouterr()
+    listener_log = logged.out + logged.err + caplog.text
+    assert "C-STORE refused" in listener_log  # the listener's log is what was captured here
+    assert "Traceback" not in listener_log
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
