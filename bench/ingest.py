@@ -91,7 +91,9 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 
 @contextmanager
-def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, storage: str = "local") -> Receiver:
+def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, storage: str = "local",
+           on_start: Callable[[subprocess.Popen], None] | None = None) -> Receiver:
+    """``on_start`` gets the listener's process once all its processes serve the port (bench.ingest_profile)."""
     with postgres_db(pg_admin, "pleura_ingest") as url, rabbitmq_vhost(rabbitmq_host) as broker:
         port = free_port()
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
@@ -108,6 +110,8 @@ def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, sto
             with process([PLEURA, "listen", "--no-sweeper"], log, env) as proc:
                 wait_port(port, proc, log)
                 _wait_listening(processes, proc, log)  # the port opens before they all serve it
+                if on_start is not None:
+                    on_start(proc)
                 yield port, "PLEURA", count
         finally:
             ledger.dispose()

@@ -48,10 +48,12 @@ def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def _open_spool(s: Settings):  # type: ignore[no-untyped-def]
-    """The spool, rid of the writes a crash cut short (open it once per listener, before any fork)."""
+    """The spool, rid of the writes a crash cut short (open it once per listener, before any fork).
+    With ``PLEURA_STORAGE=database`` the bytes are durable once their large object commits with the
+    instance's row: the spool file is only their way there, and is not fsynced."""
     from dicom_node.spool import Spool
 
-    spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024)
+    spool = Spool(s.spool_dir, s.min_free_disk_mb * 1024 * 1024, durable=s.storage != "database")
     if spool.removed_temp_files:
         log.warning("removed writes cut short by a crash (never acknowledged)", files=len(spool.removed_temp_files))
     return spool

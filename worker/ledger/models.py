@@ -123,9 +123,10 @@ class StudyArrival(Base):
 
 
 class Blob(Base):
-    """Bytes kept in the ledger's own database (``PLEURA_STORAGE=database``, worker.storage), one
-    PostgreSQL large object each, reachable from every host. ``key`` names what they are:
-    ``sha256:<hex>`` an instance's encoded bytes (its ``sha256``), ``sop:<UID>`` a result object.
+    """Bytes kept in the ledger's own database (``PLEURA_STORAGE=database``, worker.storage),
+    reachable from every host: in :class:`BlobChunk` rows, or (those kept before migration 0008)
+    one PostgreSQL large object, ``lo_oid``. ``key`` names what they are: ``sha256:<hex>`` an
+    instance's encoded bytes (its ``sha256``), ``sop:<UID>`` a result object.
     ``purged_at``: the bytes were removed (retention); the row stays for the audit."""
 
     __tablename__ = "blobs"
@@ -137,6 +138,16 @@ class Blob(Base):
     lo_oid: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BlobChunk(Base):
+    """The ``n``-th piece (from 0) of a blob's bytes, stored uncompressed out of line (STORAGE EXTERNAL)."""
+
+    __tablename__ = "blob_chunks"
+
+    blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id", ondelete="CASCADE"), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Instance(Base):

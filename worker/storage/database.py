@@ -1,23 +1,26 @@
-"""``PLEURA_STORAGE=database``: bytes as PostgreSQL large objects in the ledger's database.
+"""``PLEURA_STORAGE=database``: bytes in the ledger's database, in 1 MiB ``blob_chunks`` rows.
 
-Written and read in chunks (never a whole file in memory); a large object belongs to the
-transaction that writes it, so an instance's bytes and its ledger row commit together. A fetch
-checks the SHA-256 of what it read against the one recorded.
+Written with ``COPY ... FROM STDIN (FORMAT binary)`` and read a chunk at a time (never a whole file
+in memory), in the caller's transaction, so an instance's bytes and its ledger row commit together.
+A fetch checks the SHA-256 of what it read against the one recorded. Blobs kept before migration
+0008 are PostgreSQL large objects (``Blob.lo_oid``), still read and removed as such.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import struct
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
-from worker.ledger import Blob
+from worker.ledger import Blob, BlobChunk
 from worker.ledger.db import Ledger, utcnow
 
 CHUNK = 1 << 20
@@ -62,24 +65,25 @@ class DatabaseStorage:
                                f"PLEURA_MAX_DATABASE_MB={self.max_mb}: free space (PLEURA_RETENTION_HOURS) or raise it")
 
     def keep(self, s: Session, key: str, path: Path) -> None:
-        """Stream the file into a new large object, unless ``key`` already holds bytes."""
+        """Copy the file into ``blob_chunks`` rows of a new (or purged) blob, unless ``key`` holds bytes."""
         if s.scalars(select(Blob.id).where(Blob.key == key, Blob.purged_at.is_(None))).first():
             return
         self._check_room(s)
-        digest, size = hashlib.sha256(), 0
-        lob = _lobject(s, 0, "wb")
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                lob.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        oid = lob.oid
-        lob.close()
         blob = s.scalars(select(Blob).where(Blob.key == key)).first()
         if blob is None:
-            s.add(Blob(key=key, sha256=digest.hexdigest(), size_bytes=size, lo_oid=oid, created_at=utcnow()))
-        else:  # purged, now received again
-            blob.sha256, blob.size_bytes, blob.lo_oid, blob.purged_at = digest.hexdigest(), size, oid, None
+            blob = Blob(key=key, sha256="", size_bytes=0, created_at=utcnow())
+            s.add(blob)
+        s.flush()  # its id, for the chunks
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            rows = _CopyRows(blob.id, fh, digest)
+            cursor = s.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.copy_expert("COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)", rows,
+                                   size=CHUNK + 64)
+            finally:
+                cursor.close()
+        blob.sha256, blob.size_bytes, blob.lo_oid, blob.purged_at = digest.hexdigest(), rows.size, None, None
         s.flush()
 
     def fetch(self, key: str, recorded: str) -> Path:
@@ -88,18 +92,14 @@ class DatabaseStorage:
         tmp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
         with self.ledger.session() as s:
             blob = s.scalars(select(Blob).where(Blob.key == key)).first()
-            if blob is None or blob.lo_oid is None or blob.purged_at is not None:
+            if blob is None or blob.purged_at is not None:
                 raise StorageError(f"no bytes for {key.split(':')[0]} in the database "
                                    f"({'removed by retention' if blob is not None else 'never kept'})")
             digest = hashlib.sha256()
-            lob = _lobject(s, blob.lo_oid, "rb")
-            try:
-                with open(tmp, "wb") as fh:
-                    while chunk := lob.read(CHUNK):
-                        fh.write(chunk)
-                        digest.update(chunk)
-            finally:
-                lob.close()
+            with open(tmp, "wb") as fh:
+                for chunk in _chunks(s, blob):
+                    fh.write(chunk)
+                    digest.update(chunk)
             if digest.hexdigest() != blob.sha256:
                 tmp.unlink(missing_ok=True)
                 raise StorageError(f"the bytes of {key.split(':')[0]} in the database do not match their SHA-256")
@@ -121,5 +121,49 @@ class DatabaseStorage:
             return False
         if blob.lo_oid is not None:
             _lobject(s, blob.lo_oid, "rb").unlink()
+        s.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob.id))
         blob.lo_oid, blob.purged_at = None, utcnow()
         return True
+
+
+def _chunks(s: Session, blob: Blob):  # type: ignore[no-untyped-def]
+    """The blob's bytes a chunk at a time: its rows, or its large object (kept before migration 0008)."""
+    if blob.lo_oid is not None:
+        lob = _lobject(s, blob.lo_oid, "rb")
+        try:
+            while chunk := lob.read(CHUNK):
+                yield chunk
+        finally:
+            lob.close()
+        return
+    rows = s.connection().execution_options(stream_results=True, yield_per=1).execute(
+        select(BlobChunk.data).where(BlobChunk.blob_id == blob.id).order_by(BlobChunk.n))
+    for (chunk,) in rows:
+        yield chunk
+
+
+class _CopyRows(io.RawIOBase):
+    """A file as ``COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)`` input, read a
+    chunk at a time; hashes what it reads into ``digest`` and counts it in ``size``."""
+
+    _HEADER = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0)
+
+    def __init__(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash) -> None:
+        self._pieces = self._generate(blob_id, fh, digest)
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._pieces, b"")
+
+    def _generate(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash):  # type: ignore[no-untyped-def]
+        yield self._HEADER
+        n = 0
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            self.size += len(chunk)
+            yield struct.pack("!hiiiii", 3, 4, blob_id, 4, n, len(chunk)) + chunk
+            n += 1
+        yield struct.pack("!h", -1)

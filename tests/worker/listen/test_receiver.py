@@ -131,20 +131,20 @@ def test_spool_over_watermark_refuses_with_out_of_resources(real_cr: Path, tmp_p
 
 
 def test_sop_instance_uid_mismatch_is_refused(real_cr: Path, tmp_path: Path) -> None:
-    """DCMTK and pynetdicom always send matching UIDs, so the handler gets a hand-made request."""
-    from io import BytesIO
+    """DCMTK and pynetdicom always send matching UIDs, so the handler gets a hand-made request, its
+    data set received into the spool as the listener receives it."""
     from types import SimpleNamespace
 
-    from dicom_node.scp import CANNOT_UNDERSTAND
+    from dicom_node.scp import CANNOT_UNDERSTAND, _Received
 
-    buffer = BytesIO()
-    dcmread(real_cr).save_as(buffer)
+    spool = Spool(tmp_path / "spool")
+    received = _Received(spool, real_cr.read_bytes)  # the file's own preamble and meta, then no data set
     event = SimpleNamespace(
-        request=SimpleNamespace(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.1", AffectedSOPInstanceUID="1.2.3.4.5"),
+        request=SimpleNamespace(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.1", AffectedSOPInstanceUID="1.2.3.4.5",
+                                MessageID=7),
         context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.4.91"),
-        encoded_dataset=lambda include_meta=True: buffer.getvalue(),
-        assoc=object(),
+        assoc=SimpleNamespace(dimse=SimpleNamespace(take={7: received}.pop)),
     )
-    scp = StorageSCP("PLEURA", "127.0.0.1", free_port(), Spool(tmp_path / "spool"), receiver=None)  # type: ignore[arg-type]
+    scp = StorageSCP("PLEURA", "127.0.0.1", free_port(), spool, receiver=None)  # type: ignore[arg-type]
     assert scp._on_store(event) == CANNOT_UNDERSTAND
-    assert not list((tmp_path / "spool").rglob("*.dcm"))
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == []  # nor its temporary file

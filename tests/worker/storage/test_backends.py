@@ -1,7 +1,9 @@
-"""worker.storage: bytes kept in the ledger's PostgreSQL (large objects) and read back on any host."""
+"""worker.storage: bytes kept in the ledger's PostgreSQL (chunk rows; large objects before 0008) and read
+back on any host."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from sqlalchemy import select, text
 
 from dicom_node.scp import StoredInstance
 from worker.ledger import Blob, Instance
-from worker.ledger.db import Ledger, upgrade
+from worker.ledger.db import Ledger, upgrade, utcnow
 from worker.listen.receiver import LedgerReceiver
 from worker.storage import DatabaseStorage, LocalStorage, instance_key, output_key
 from worker.storage.database import CHUNK, DatabaseFull, StorageError
@@ -36,7 +38,7 @@ def test_bytes_go_in_with_the_transaction_and_come_back_identical(ledger: Ledger
         raise RuntimeError("the ledger row failed")
     with ledger.session() as s:
         assert s.scalars(select(Blob)).all() == []
-        assert s.scalar(text("SELECT count(*) FROM pg_largeobject_metadata")) == 0
+        assert s.scalar(text("SELECT count(*) FROM blob_chunks")) == 0
         storage.keep(s, key, source)
         storage.keep(s, key, source)  # the same content again: one blob
     copy = storage.fetch(key, "/elsewhere/a.dcm")
@@ -49,7 +51,29 @@ def test_bytes_go_in_with_the_transaction_and_come_back_identical(ledger: Ledger
     assert list((tmp_path / "fetched").iterdir()) == []
     with ledger.session() as s:
         blob = s.scalars(select(Blob)).one()
-        assert (blob.key, blob.size_bytes) == (key, source.stat().st_size)
+        assert (blob.key, blob.size_bytes, blob.lo_oid) == (key, source.stat().st_size, None)
+        assert s.scalar(text("SELECT count(*) FROM blob_chunks")) == 4  # 1 MiB each, uncompressed out of line
+        assert s.scalar(text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'blob_chunks'::regclass "
+                             "AND attname = 'data'")) == "e"
+
+
+def test_a_large_object_kept_before_chunks_is_still_read_and_removed(ledger: Ledger, tmp_path: Path) -> None:
+    """Blobs of migration 0006 (one large object each) outlive the move to chunk rows (0008)."""
+    storage = DatabaseStorage(ledger, tmp_path / "fetched")
+    data = os.urandom(CHUNK + 5)
+    key = output_key("1.2.9")
+    with ledger.session() as s:
+        lob = s.connection().connection.dbapi_connection.lobject(0, "wb")
+        lob.write(data)
+        s.add(Blob(key=key, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), lo_oid=lob.oid,
+                   created_at=utcnow()))
+        lob.close()
+    copy = storage.fetch(key, "")
+    assert copy.read_bytes() == data
+    storage.done(copy)
+    with ledger.session() as s:
+        assert storage.purge(s, key)
+        assert s.scalar(text("SELECT count(*) FROM pg_largeobject_metadata")) == 0
 
 
 def test_missing_corrupt_and_purged_bytes_are_clear_errors(ledger: Ledger, tmp_path: Path) -> None:
@@ -65,7 +89,7 @@ def test_missing_corrupt_and_purged_bytes_are_clear_errors(ledger: Ledger, tmp_p
     assert list((tmp_path / "fetched").iterdir()) == []  # nothing half-written is left
     with ledger.session() as s:
         assert storage.purge(s, key) and not storage.purge(s, key)
-        assert s.scalar(text("SELECT count(*) FROM pg_largeobject_metadata")) == 0
+        assert s.scalar(text("SELECT count(*) FROM blob_chunks")) == 0
     with pytest.raises(StorageError, match="removed by retention"):
         storage.fetch(key, "")
 
