@@ -3,6 +3,10 @@
     .venv/bin/python -m bench.ingest [--files 32] [--syntaxes explicit,j2k,jpegls] [--associations 1,4]
         [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672]
         [--listen-processes CPUS] [--data build/ingest-data] [--out bench/results]
+    .venv/bin/python -m bench.ingest --quick     # under a minute: the figure to give after touching the receive path
+
+``--quick`` is ``--files 24 --syntaxes explicit --associations 4 --receivers pleura,storescp,orthanc
+--repeats 3 --out build/bench --name ingest-quick``, and ends with one line of ratios.
 
 Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their
 original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax
@@ -270,7 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="ingest", help="stem of the JSON and PNG written")
+    parser.add_argument("--quick", action="store_true", help="explicit VR, 4 associations, 24 files: under a minute")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.files, args.syntaxes, args.associations, args.repeats = 24, "explicit", "4", 3
+        args.receivers, args.out, args.name = "pleura,storescp,orthanc", Path("build/bench"), "ingest-quick"
     started = time.perf_counter()
     report: dict[str, Any] = {
         "command": " ".join(["python -m bench.ingest", *(argv if argv is not None else sys.argv[1:])]),
@@ -293,6 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     for row in report["ratios"]:
         print(json.dumps(row), file=sys.stderr)
+    if args.quick:
+        rates = {r["receiver"]: r["mb_per_s"] for r in report["runs"]}
+        print(f"quick: pleura {rates['pleura']} MB/s, {rates['pleura'] / rates['storescp']:.2f}x storescp, "
+              f"{rates['pleura'] / rates['orthanc']:.2f}x Orthanc (explicit VR, 4 associations, median of 3)",
+              file=sys.stderr)
     print(f"[{report['wall_seconds']} s] wrote {args.out / args.name}.json and .png", file=sys.stderr)
     return report
 
