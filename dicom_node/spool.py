@@ -173,7 +173,8 @@ class Spool:
 
     def store(self, study_uid: str, sop_uid: str, data: bytes) -> SpoolWrite:
         """:meth:`incoming`, :meth:`Incoming.write` and :meth:`place` for bytes already in memory."""
-        check_uid(study_uid), check_uid(sop_uid)
+        for value in (study_uid, sop_uid):  # before anything is written
+            check_uid(value)
         incoming = self.incoming()
         try:
             incoming.write(data)

@@ -21,6 +21,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from sqlalchemy import create_engine, text
 
+from dicom_node.spool import Spool
 from worker.synth.studies import png_to_dataset, read_labels
 
 SUCCESS = 0x0000
@@ -201,7 +202,7 @@ def production_env(pg_url: str, broker_url: str, data_dir: Path, port: int, dest
 
 
 def spool_files(spool: Path) -> tuple[list[Path], list[Path]]:
-    """(instance files ``*.dcm``, temporary files ``.*.tmp``) under the spool."""
+    """(instance files ``*.dcm``, temporary files: data sets being received, in ``.incoming/``) under the spool."""
     files = [p for p in spool.rglob("*") if p.is_file()]
-    temps = [p for p in files if p.name.startswith(".") and p.name.endswith(".tmp")]
+    temps = [p for p in files if p.parent.name == Spool.INCOMING]
     return [p for p in files if p not in temps], temps

@@ -99,13 +99,16 @@ def test_listener_killed_mid_association(pg_url: str, broker: PrivateRabbitMQ, n
             assert p.suffix == ".dcm" and dataset_bytes_of_file(p) == sent[p.name[:-4]], p.name
         assert not any(r["spool_path"].endswith(".tmp") for r in rows.values())
 
-        # A write the kill cut short leaves a temporary file; make sure there is one to clean up.
+        # A data set the kill cut short leaves a temporary file in .incoming/ (one of an older version
+        # beside its study's files); make sure there is one of each to clean up.
         unacked = next(uid for uid in sent if uid not in rows)
-        planted = spool / str(study[0].StudyInstanceUID) / f".{unacked}.dcm.999999.tmp"
-        planted.write_bytes(sent[unacked][: len(sent[unacked]) // 2])
+        planted = [spool / ".incoming" / "999999-cut.tmp",
+                   spool / str(study[0].StudyInstanceUID) / f".{unacked}.dcm.999999.tmp"]
+        for path in planted:
+            path.write_bytes(sent[unacked][: len(sent[unacked]) // 2])
         restarted = pleura("listen", env, tmp_path / "listen2.log")
         wait_port(port, restarted)
-        assert spool_files(spool)[1] == [], "stale temporary files are removed at start"
+        assert spool_files(spool)[1] == [] and not any(p.exists() for p in planted), "stale temporary files removed"
 
         resend = SendLog()
         resent_at = time.monotonic()
@@ -127,7 +130,7 @@ def test_listener_killed_mid_association(pg_url: str, broker: PrivateRabbitMQ, n
             "instances_in_study": IMAGES, "instances_sent_before_kill": len(log.answers),
             "instances_acked_before_kill": len(acked),
             "recorded_but_unacked_at_kill": len(set(rows) - set(acked)),
-            "temp_files_left_by_kill": len(temps_after_kill), "cut_short_writes_simulated": 1,
+            "temp_files_left_by_kill": len(temps_after_kill), "cut_short_writes_simulated": len(planted),
             "temp_files_after_restart": len(temps),
             "listener_kills": 1, "listener_restarts": 1, "instances_resent": IMAGES,
             "instances_in_ledger": len(times), "spool_files": len(files),
