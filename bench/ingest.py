@@ -14,8 +14,8 @@ original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each 
 lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in
 its own transfer syntax, never decompressed), one process per association, the files split evenly
 among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` (and
-``pleura-db``, the same with ``PLEURA_STORAGE=database``: each instance's bytes streamed into a
-PostgreSQL large object in the transaction of its ledger row, the spool copy then removed) is
+``pleura-db``, the same with ``PLEURA_STORAGE=database``: each instance's bytes copied into
+``blob_chunks`` rows in the transaction of its ledger row, the spool copy then removed) is
 ``pleura listen --no-sweeper`` in production mode with ``--listen-processes`` processes accepting on
 the port (``PLEURA_LISTEN_PROCESSES``; default: one per CPU, as Orthanc's threads and ``storescp``'s
 forks use every core) (ledger on a fresh PostgreSQL database at ``--pg-admin``, migrated with

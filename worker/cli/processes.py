@@ -49,7 +49,7 @@ def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
 
 def _open_spool(s: Settings):  # type: ignore[no-untyped-def]
     """The spool, rid of the writes a crash cut short (open it once per listener, before any fork).
-    With ``PLEURA_STORAGE=database`` the bytes are durable once their large object commits with the
+    With ``PLEURA_STORAGE=database`` the bytes are durable once their chunk rows commit with the
     instance's row: the spool file is only their way there, and is not fsynced."""
     from dicom_node.spool import Spool
 

@@ -2,7 +2,7 @@
 
 - ``local`` (the default): the spool and the outbox of the host that wrote them. Listener and
   workers share ``PLEURA_DATA_DIR``: one host, or a shared filesystem.
-- ``database``: PostgreSQL large objects in the ledger's own database, kept in the transaction
+- ``database``: 1 MiB ``blob_chunks`` rows in the ledger's own database, kept in the transaction
   that records the instance (before the C-STORE is answered) or the result. Every host that
   reaches the ledger reaches the bytes; each use reads a private copy into
   ``<data dir>/fetched/`` and removes it afterwards.
