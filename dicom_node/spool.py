@@ -46,7 +46,8 @@ def check_uid(value: str) -> str:
     return value
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,7 +64,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 class Incoming:
@@ -162,34 +163,14 @@ class Spool:
                 path = folder / f"{sop_uid}.{digest[:8]}.dcm"
             self._check_room()
             if self.durable:
-                _fsync_file(incoming.path)
+                _fsync(incoming.path)
             folder.mkdir(exist_ok=True)
             os.replace(incoming.path, path)
             if self.durable:
-                _fsync_dir(folder)
+                _fsync(folder)
             return SpoolWrite(path, digest, incoming.size)
         finally:
             incoming.discard()
-
-    def store(self, study_uid: str, sop_uid: str, data: bytes) -> SpoolWrite:
-        """:meth:`incoming`, :meth:`Incoming.write` and :meth:`place` for bytes already in memory."""
-        for value in (study_uid, sop_uid):  # before anything is written
-            check_uid(value)
-        incoming = self.incoming()
-        try:
-            incoming.write(data)
-        except BaseException:
-            incoming.discard()
-            raise
-        return self.place(incoming, study_uid, sop_uid)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_of(path: Path) -> str:

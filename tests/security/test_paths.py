@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.spool import InvalidUID, Spool, check_uid
+from dicom_node.spool import InvalidUID, Spool, SpoolWrite, check_uid
 from tests.figures import save
 from tests.security.make_corpus import base_dataset, encode_body, find, part10, set_value
 from tests.security.test_malformed import Listener, listener, send_file  # noqa: F401
@@ -20,6 +20,13 @@ HOSTILE = [
 ]
 
 
+def _receive(spool: Spool, study_uid: str, sop_uid: str, data: bytes) -> SpoolWrite:
+    """As the listener does: the bytes into a temporary file as they arrive, then filed under the UIDs."""
+    incoming = spool.incoming()
+    incoming.write(data)
+    return spool.place(incoming, study_uid, sop_uid)
+
+
 @pytest.mark.parametrize("value", HOSTILE, ids=[repr(v)[:30] for v in HOSTILE])
 def test_hostile_uid_is_refused_and_writes_nothing(value: str, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
@@ -28,13 +35,13 @@ def test_hostile_uid_is_refused_and_writes_nothing(value: str, tmp_path: Path) -
     assert value not in str(caught.value) or value == ""  # the peer's string is not echoed
     for study, sop in ((value, GOOD), (GOOD, value)):
         with pytest.raises(InvalidUID):
-            spool.store(study, sop, b"DICM")
+            _receive(spool, study, sop, b"DICM")
     assert set(tmp_path.rglob("*")) <= {spool.root, spool.incoming_dir} and not any(spool.incoming_dir.iterdir())
 
 
 def test_valid_uids_stay_inside_the_spool(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    written = spool.store("1.2.3", "0.4.5", b"x")
+    written = _receive(spool, "1.2.3", "0.4.5", b"x")
     assert written.path.resolve().is_relative_to(spool.root.resolve())
     assert check_uid("1." * 31 + "12") and len("1." * 31 + "12") == 64
 
