@@ -577,8 +577,8 @@ class _StreamingDIMSE(DIMSEServiceProvider):
     last fragment; :meth:`take` then gives ``_store`` the data set by the request's Message ID.
 
     Before it (pynetdicom's data set in memory, joined to its file meta and then written whole),
-    24 x 12 MB took 2.56 s over 1 association and 1.31 s over 4; after, 1.14 s and 0.90 s
-    (bench.ingest, medians of 3, docs/performance.md).
+    24 x 12 MB took 1.87 s over 1 association and 1.41 s over 4; after, 1.16 s and 0.93 s
+    (bench.ingest, medians of 3, run back to back: docs/performance.md, issue 26).
     """
 
     spool: Spool
