@@ -141,7 +141,7 @@ class Blob(Base):
 
 
 class BlobChunk(Base):
-    """The ``n``-th piece (from 0) of a blob's bytes, stored uncompressed out of line (STORAGE EXTERNAL)."""
+    """The ``n``-th piece (from 0) of a blob's bytes, stored uncompressed in the row (STORAGE PLAIN)."""
 
     __tablename__ = "blob_chunks"
 

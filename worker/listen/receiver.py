@@ -207,7 +207,7 @@ class LedgerReceiver:
             instance.association_id = stored.association
             instance.times_received += 1
             instance.ineligible_reason = None
-        self.storage.keep(s, instance_key(stored.sha256), Path(stored.path))
+        self.storage.keep(s, instance_key(stored.sha256), Path(stored.path), stored.sha256)
         study.last_received_at = now
         if study.state != StudyState.RECEIVING:
             record(s, "study_reopened", study_id=study.id, previous_state=study.state,

@@ -24,8 +24,9 @@ class Storage(Protocol):
     #: True when other hosts can read what this host keeps (no shared filesystem needed)
     shared: bool
 
-    def keep(self, s: Session, key: str, path: Path) -> None:
-        """Make the bytes at ``path`` durable under ``key`` within ``s``'s transaction."""
+    def keep(self, s: Session, key: str, path: Path, sha256: str | None = None) -> None:
+        """Make the bytes at ``path`` durable under ``key`` within ``s``'s transaction (``sha256``: their
+        digest, when the caller already computed it)."""
 
     def fetch(self, key: str, recorded: str) -> Path:
         """A path on this host holding the bytes of ``key`` (``recorded``: where they were written)."""

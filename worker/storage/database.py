@@ -1,9 +1,11 @@
-"""``PLEURA_STORAGE=database``: bytes in the ledger's database, in 1 MiB ``blob_chunks`` rows.
+"""``PLEURA_STORAGE=database``: bytes in the ledger's database, in ``blob_chunks`` rows of 8000 bytes.
 
-Written with ``COPY ... FROM STDIN (FORMAT binary)`` and read a chunk at a time (never a whole file
-in memory), in the caller's transaction, so an instance's bytes and its ledger row commit together.
-A fetch checks the SHA-256 of what it read against the one recorded. Blobs kept before migration
-0008 are PostgreSQL large objects (``Blob.lo_oid``), still read and removed as such.
+Written with ``COPY ... FROM STDIN (FORMAT binary)`` and read a batch of rows at a time (never a
+whole file in memory), in the caller's transaction, so an instance's bytes and its ledger row
+commit together. A row of :data:`CHUNK` bytes fits one heap page (``STORAGE PLAIN``, migration
+0009): no TOAST table and index to write as well, and COPY inserts the rows in batches. Rows of
+1 MiB (kept out of line, migrations 0008 to 0009) and large objects (``Blob.lo_oid``, before 0008)
+are still read and removed. A fetch checks the SHA-256 of what it read against the one recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from sqlalchemy.orm import Session
 from worker.ledger import Blob, BlobChunk
 from worker.ledger.db import Ledger, utcnow
 
-CHUNK = 1 << 20
+#: bytes per ``blob_chunks`` row: the row (24-byte header, two integers, the bytea) fits one 8 KiB page
+CHUNK = 8000
+#: rows per piece of the COPY stream and per fetch of a read (about 1 MB)
+BATCH = 128
 
 
 class StorageError(OSError):
@@ -64,8 +69,9 @@ class DatabaseStorage:
             raise DatabaseFull(f"the ledger's database holds {self._size[1] // 1_000_000} MB, at its limit "
                                f"PLEURA_MAX_DATABASE_MB={self.max_mb}: free space (PLEURA_RETENTION_HOURS) or raise it")
 
-    def keep(self, s: Session, key: str, path: Path) -> None:
-        """Copy the file into ``blob_chunks`` rows of a new (or purged) blob, unless ``key`` holds bytes."""
+    def keep(self, s: Session, key: str, path: Path, sha256: str | None = None) -> None:
+        """Copy the file into ``blob_chunks`` rows of a new (or purged) blob, unless ``key`` holds bytes.
+        ``sha256``: the file's digest when the caller already has it (computed on the way otherwise)."""
         if s.scalars(select(Blob.id).where(Blob.key == key, Blob.purged_at.is_(None))).first():
             return
         self._check_room(s)
@@ -74,16 +80,16 @@ class DatabaseStorage:
             blob = Blob(key=key, sha256="", size_bytes=0, created_at=utcnow())
             s.add(blob)
         s.flush()  # its id, for the chunks
-        digest = hashlib.sha256()
+        digest = None if sha256 else hashlib.sha256()
         with open(path, "rb") as fh:
             rows = _CopyRows(blob.id, fh, digest)
             cursor = s.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                cursor.copy_expert("COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)", rows,
-                                   size=CHUNK + 64)
+                cursor.copy_expert("COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)", rows)
             finally:
                 cursor.close()
-        blob.sha256, blob.size_bytes, blob.lo_oid, blob.purged_at = digest.hexdigest(), rows.size, None, None
+        blob.sha256 = sha256 or digest.hexdigest()  # type: ignore[union-attr]
+        blob.size_bytes, blob.lo_oid, blob.purged_at = rows.size, None, None
         s.flush()
 
     def fetch(self, key: str, recorded: str) -> Path:
@@ -136,19 +142,19 @@ def _chunks(s: Session, blob: Blob):  # type: ignore[no-untyped-def]
         finally:
             lob.close()
         return
-    rows = s.connection().execution_options(stream_results=True, yield_per=1).execute(
+    rows = s.connection().execution_options(stream_results=True, yield_per=BATCH // 4).execute(
         select(BlobChunk.data).where(BlobChunk.blob_id == blob.id).order_by(BlobChunk.n))
     for (chunk,) in rows:
         yield chunk
 
 
 class _CopyRows(io.RawIOBase):
-    """A file as ``COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)`` input, read a
-    chunk at a time; hashes what it reads into ``digest`` and counts it in ``size``."""
+    """A file as ``COPY blob_chunks (blob_id, n, data) FROM STDIN (FORMAT binary)`` input, :data:`BATCH`
+    rows a read; hashes what it reads into ``digest`` (when given) and counts it in ``size``."""
 
     _HEADER = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0)
 
-    def __init__(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash) -> None:
+    def __init__(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash | None) -> None:
         self._pieces = self._generate(blob_id, fh, digest)
         self.size = 0
 
@@ -158,12 +164,17 @@ class _CopyRows(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         return next(self._pieces, b"")
 
-    def _generate(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash):  # type: ignore[no-untyped-def]
+    def _generate(self, blob_id: int, fh: io.BufferedReader, digest: hashlib._Hash | None):  # type: ignore[no-untyped-def]
         yield self._HEADER
         n = 0
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            self.size += len(chunk)
-            yield struct.pack("!hiiiii", 3, 4, blob_id, 4, n, len(chunk)) + chunk
-            n += 1
+        while batch := fh.read(CHUNK * BATCH):
+            if digest is not None:
+                digest.update(batch)
+            self.size += len(batch)
+            view, parts = memoryview(batch), []
+            for start in range(0, len(batch), CHUNK):
+                row = view[start:start + CHUNK]
+                parts += (struct.pack("!hiiiii", 3, 4, blob_id, 4, n, len(row)), row)
+                n += 1
+            yield b"".join(parts)
         yield struct.pack("!h", -1)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 class LocalStorage:
     shared = False
 
-    def keep(self, s: Session, key: str, path: Path) -> None:
+    def keep(self, s: Session, key: str, path: Path, sha256: str | None = None) -> None:
         """Nothing to do: the spool and the outbox write atomically and durably themselves."""
 
     def fetch(self, key: str, recorded: str) -> Path:

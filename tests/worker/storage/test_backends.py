@@ -52,9 +52,43 @@ def test_bytes_go_in_with_the_transaction_and_come_back_identical(ledger: Ledger
     with ledger.session() as s:
         blob = s.scalars(select(Blob)).one()
         assert (blob.key, blob.size_bytes, blob.lo_oid) == (key, source.stat().st_size, None)
-        assert s.scalar(text("SELECT count(*) FROM blob_chunks")) == 4  # 1 MiB each, uncompressed out of line
+        assert s.scalar(text("SELECT count(*) FROM blob_chunks")) == 4  # CHUNK bytes each, in the row
         assert s.scalar(text("SELECT attstorage FROM pg_attribute WHERE attrelid = 'blob_chunks'::regclass "
-                             "AND attname = 'data'")) == "e"
+                             "AND attname = 'data'")) == "p"
+        assert s.scalar(text("SELECT pg_relation_size(reltoastrelid) FROM pg_class "
+                             "WHERE relname = 'blob_chunks'")) == 0  # nothing went to TOAST
+
+
+def test_a_digest_the_caller_computed_is_recorded_and_checked_on_fetch(ledger: Ledger, tmp_path: Path) -> None:
+    """The listener hashed the bytes as they arrived: keep() records that digest instead of hashing
+    again, and a fetch still checks the bytes against it."""
+    storage = DatabaseStorage(ledger, tmp_path / "fetched")
+    source = _file(tmp_path / "a.dcm", CHUNK * 130)  # more than one COPY piece of BATCH rows
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    with ledger.session() as s:
+        storage.keep(s, instance_key(digest), source, digest)
+        storage.keep(s, instance_key("f" * 64), source, "f" * 64)  # a digest that is not the bytes'
+    assert storage.fetch(instance_key(digest), "").read_bytes() == source.read_bytes()
+    with pytest.raises(StorageError, match="do not match"):
+        storage.fetch(instance_key("f" * 64), "")
+
+
+def test_rows_of_one_mib_kept_before_0009_are_still_read(pg_url: str, tmp_path: Path) -> None:
+    upgrade(pg_url, "0008")
+    ledger = Ledger(pg_url)
+    data = os.urandom(2 * (1 << 20) + 7)
+    key = output_key("1.2.8")
+    with ledger.session() as s:
+        s.add(Blob(key=key, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), created_at=utcnow()))
+        s.flush()
+        blob_id = s.scalars(select(Blob.id)).one()
+        for n, start in enumerate(range(0, len(data), 1 << 20)):
+            s.execute(text("INSERT INTO blob_chunks (blob_id, n, data) VALUES (:b, :n, :d)"),
+                      {"b": blob_id, "n": n, "d": data[start:start + (1 << 20)]})
+    ledger.engine.dispose()
+    upgrade(pg_url)
+    storage = DatabaseStorage(Ledger(pg_url), tmp_path / "fetched")
+    assert storage.fetch(key, "").read_bytes() == data
 
 
 def test_a_large_object_kept_before_chunks_is_still_read_and_removed(ledger: Ledger, tmp_path: Path) -> None:
