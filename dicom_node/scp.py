@@ -30,10 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
 
 import structlog
-from pydicom import dcmread, uid
+from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -44,42 +43,23 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.deflate import InflateError, inflated_size
-from dicom_node.spool import Incoming, InvalidUID, Spool, SpoolFull
+from dicom_node.filing import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    DOES_NOT_MATCH_SOP_CLASS,
+    RELEASED,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    NotUnderstood,
+    Peer,
+    Receiver,
+    file_instance,
+    read_header,
+    record_instance,
+    refusal,
+)
+from dicom_node.spool import Incoming, Spool
 
 log = structlog.get_logger(__name__)
-
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-#: PS3.4 B.2.3: the data set is not of the presentation context's SOP class.
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-#: PS3.7 C.4.2: a SOP class the listener does not take at all.
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: The end reason of an association the peer ended with an A-RELEASE (others begin "aborted").
-RELEASED = "released"
-
-#: Transfer syntaxes we accept, in order of preference when a peer proposes several in one
-#: context: lossless compressed (stored exactly as sent), then uncompressed, then lossy
-#: (last, so that a peer holding uncompressed pixels is never asked to compress them lossily).
-ACCEPTED_TRANSFER_SYNTAXES = [
-    uid.JPEG2000Lossless,
-    uid.HTJ2KLossless,
-    uid.HTJ2KLosslessRPCL,
-    uid.JPEGLSLossless,
-    uid.JPEGLosslessSV1,
-    uid.JPEGLossless,
-    uid.RLELossless,
-    uid.DeflatedExplicitVRLittleEndian,
-    uid.ExplicitVRLittleEndian,
-    uid.ImplicitVRLittleEndian,
-    uid.ExplicitVRBigEndian,
-    uid.JPEG2000,
-    uid.HTJ2K,
-    uid.JPEGLSNearLossless,
-    uid.JPEGExtended12Bit,
-    uid.JPEGBaseline8Bit,
-]
 
 #: Largest P-DATA PDU we ask peers to send (PS3.8 D.1). pynetdicom handles each PDU in Python: with
 #: its default 16 KiB, 32 x 12 MB over 4 associations took 3.0 s; with 1 MiB 2.0 s (bench.ingest).
@@ -96,38 +76,6 @@ REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation),
 
 #: Largest inflated size of a Deflated Explicit VR Little Endian data set, by default (bytes).
 DEFAULT_MAX_INFLATED_BYTES = 512 * 2**20
-
-#: Header attributes the application gets with each instance (no patient names, IDs or birth dates;
-#: the accession number is how a RIS names the study, and the application stores only its hash).
-_HEADER_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "AccessionNumber")
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who opened an association."""
-
-    calling_ae: str
-    called_ae: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    """An instance durably in the spool, handed to the application to record."""
-
-    association: object
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    modality: str | None
-    path: str
-    size: int
-    sha256: str
-    accession_number: str | None = None
-
 
 @dataclass(frozen=True)
 class AssociationPolicy:
@@ -163,25 +111,6 @@ def _addresses(host: str) -> set[str]:
         return {str(ipaddress.ip_address(host))}
     except ValueError:
         return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-
-
-class Receiver(Protocol):
-    """What the SCP reports to; every method may raise to make the SCP refuse."""
-
-    def association_opened(self, peer: Peer) -> object:
-        """Record the association; the returned key comes back with each instance."""
-
-    def instance_stored(self, stored: StoredInstance) -> None:
-        """Record the instance durably (commit) before returning."""
-
-    def association_closed(self, key: object, reason: str) -> None:
-        """Record the end of the association."""
-
-    def association_rejected(self, peer: Peer, reason: str) -> None:
-        """Record an association refused before it was established."""
-
-    def instance_refused(self, key: object, sop_instance_uid: str, status: int, reason: str) -> None:
-        """Record a C-STORE answered with a failure status (nothing of it was kept)."""
 
 
 class StorageSCP:
@@ -344,52 +273,19 @@ class StorageSCP:
     def _store(self, event: evt.Event, key: object, sop_uid: str) -> tuple[int, str]:
         """File and record one instance (its bytes already in the spool's temporary file, see
         :class:`_StreamingDIMSE`); return the DIMSE status and, on failure, why."""
-        sop_class = str(event.request.AffectedSOPClassUID)
         received = event.assoc.dimse.take(event.request.MessageID)
+        syntax = str(event.context.transfer_syntax)
         try:
             incoming = received.complete()
-            if event.context.transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
-                inflated_size(incoming.path.read_bytes(), self.max_inflated_bytes)  # before dcmread inflates it
-            header = dcmread(incoming.path, stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
-            study_uid = str(header.get("StudyInstanceUID", ""))
-            series_uid = str(header.get("SeriesInstanceUID", ""))
-            if str(header.get("SOPInstanceUID", "")) != sop_uid:
-                raise _Refused("SOP Instance UID in the data set differs from the C-STORE request's")
-            written = self.spool.place(incoming, study_uid, sop_uid)
-        except SpoolFull as exc:
-            return OUT_OF_RESOURCES, f"spool full: {exc}"
-        except OSError as exc:
-            return OUT_OF_RESOURCES, f"spool write failed: {type(exc).__name__} (errno {exc.errno})"
-        except (_Refused, InvalidUID, InflateError) as exc:  # our own messages, which quote no peer values
-            return CANNOT_UNDERSTAND, f"cannot understand: {exc}"
-        except Exception as exc:  # anything unparseable is the peer's data set, never a crash here
-            # only the type: a parser's message may quote the peer's values, patient names included
-            return CANNOT_UNDERSTAND, f"cannot understand: unparseable data set ({type(exc).__name__})"
+            header = read_header(incoming, syntax, self.max_inflated_bytes)
+            stored = file_instance(self.spool, incoming, header, key, syntax, str(event.request.AffectedSOPClassUID),
+                                   sop_uid)
+        except Exception as exc:
+            refused = refusal(exc)
+            return refused.status, refused.reason
         finally:
             received.discard()
-        stored = StoredInstance(
-            association=key,
-            sop_class_uid=sop_class,
-            sop_instance_uid=sop_uid,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            modality=header.get("Modality") or None,
-            accession_number=str(header.get("AccessionNumber") or "").strip() or None,
-            path=str(written.path),
-            size=written.size,
-            sha256=written.sha256,
-        )
-        try:
-            self.receiver.instance_stored(stored)
-        except Exception as exc:
-            log.exception("instance could not be recorded")
-            return OUT_OF_RESOURCES, f"ledger write failed: {type(exc).__name__}"
-        return SUCCESS, ""
-
-
-class _Refused(ValueError):
-    """A data set refused for a reason stated by this module."""
+        return record_instance(self.receiver, stored)
 
 
 class _Server(ThreadedAssociationServer):
@@ -537,7 +433,7 @@ class _Received:
         self.incoming: Incoming | None = None
         self.error: Exception | None = None
         if spool is None:  # a C-STORE that sent no data set
-            self.error = _Refused("the C-STORE request has no data set")
+            self.error = NotUnderstood("the C-STORE request has no data set")
             return
         try:
             self.incoming = spool.incoming()
@@ -559,7 +455,7 @@ class _Received:
     def complete(self) -> Incoming:
         """The whole data set, its file closed for writing; the error met on the way, if any."""
         if self.error is not None or self.incoming is None:
-            raise self.error or _Refused("no data set")
+            raise self.error or NotUnderstood("no data set")
         self.incoming.close(fsync=False)
         return self.incoming
 

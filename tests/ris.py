@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -244,13 +245,14 @@ def diagnostic_report(status: str = "final", *, accession: str = "", uid: str = 
 
 
 def post_fhir(port: int, body: Any, token: str | None = TOKEN,
-              content_type: str = "application/fhir+json") -> tuple[int, dict[str, str], dict[str, Any]]:
+              content_type: str = "application/fhir+json") -> tuple[int, Message, dict[str, Any]]:
+    """POST a DiagnosticReport: the status, the headers (looked up by name whatever its case) and the JSON body."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/fhir/DiagnosticReport", data=data,
                                      headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
+            return response.status, response.headers, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read())
+        return error.code, error.headers, json.loads(error.read())

@@ -38,6 +38,18 @@ class Settings(BaseSettings):
     ae_title: str = "PLEURA"
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
+    #: DICOMweb STOW-RS in (``POST /dicom-web/studies``, dicom_node.stow) on this HTTP port; unset: off
+    dicomweb_port: int | None = Field(None, ge=0, le=65535)
+    dicomweb_host: str = "0.0.0.0"
+    #: bearer tokens STOW-RS clients must send, one a line, each optionally named ``name:token`` (the
+    #: name, at most 16 characters, is recorded as the sender); required with PLEURA_DICOMWEB_PORT
+    dicomweb_token_file: Path | None = None
+    #: largest STOW-RS request body (MB); a larger one gets 413
+    dicomweb_max_mb: int = Field(2048, gt=0)
+    #: seconds a STOW-RS client may stay silent mid-body before it is answered 408
+    dicomweb_timeout_seconds: float = Field(60.0, gt=0)
+    #: HTTPS on the DICOMweb port (the DICOM TLS certificate settings)
+    dicomweb_tls: bool = False
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     study_quiet_seconds: float = 10.0
     #: a study whose associations all ended with an A-RELEASE is complete this long after its last
@@ -120,6 +132,9 @@ class Settings(BaseSettings):
     search_ef_search: int = Field(400, ge=1, le=1000)
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
+    #: HTTPS on the HTTP port (the DICOM TLS certificate settings; a client certificate is checked
+    #: against PLEURA_TLS_CA_FILE when one is presented)
+    http_tls: bool = False
 
     @field_validator("destinations", mode="before")
     @classmethod

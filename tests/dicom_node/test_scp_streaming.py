@@ -22,7 +22,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
 import dicom_node.spool
-from dicom_node.scp import OUT_OF_RESOURCES, SUCCESS, Peer, StorageSCP, StoredInstance
+from dicom_node.filing import OUT_OF_RESOURCES, SUCCESS, Peer, StoredInstance
+from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from tests.security.make_corpus import base_dataset
 from tests.support import free_port, wait_for

@@ -25,7 +25,7 @@ from sqlalchemy import event, select, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import OperationalError
 
-from dicom_node.scp import StoredInstance
+from dicom_node.filing import StoredInstance
 from engines import InferenceResult
 from tests.figures import save
 from tests.reliability.ingest import small_studies

@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicom_node.scp import StoredInstance
+from dicom_node.filing import StoredInstance
 from tests.e2e.harness import Proc, pleura, pleura_run, storescp, wait_port
 from tests.figures import save
 from tests.reliability.ingest import Ledger as SQL

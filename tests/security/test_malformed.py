@@ -20,7 +20,8 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context
 from sqlalchemy import select
 
-from dicom_node.scp import ACCEPTED_TRANSFER_SYNTAXES, StorageSCP
+from dicom_node.filing import ACCEPTED_TRANSFER_SYNTAXES
+from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from tests.figures import save
 from tests.security.make_corpus import CORPUS_DIR, MAX_FILE_BYTES, write

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 
-from dicom_node.scp import RELEASED
+from dicom_node.filing import RELEASED
 from worker.ledger import Association, Study, StudyArrival
 from worker.ledger.models import CompletedBy
 

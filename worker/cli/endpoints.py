@@ -8,9 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from worker.console.pages import console_routes
 from worker.observability import readiness
-from worker.observability.http import Handler, HttpEndpoints, PostRoute, Response, text
 from worker.observability.metrics import LedgerCollector
 from worker.settings import Settings
+from worker.web.server import Handler, HttpEndpoints, PostRoute, Response, server_tls, text
 
 if TYPE_CHECKING:
     from worker.reports.store import Intake
@@ -39,9 +39,11 @@ def start_http(settings: Settings, rt: Any, role: str, reports: Intake | None = 
         routes.update(console_routes(rt.ledger))
         posts[fhir_in.PATH] = fhir_in.route(settings, reports)
     try:
-        return HttpEndpoints(settings.http_host, settings.http_port, routes, posts).start()
+        return HttpEndpoints(settings.http_host, settings.http_port, routes, posts,
+                             tls=server_tls(settings) if settings.http_tls else None).start()
     except OSError as exc:
         raise SystemExit(f"error: cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc}") from exc
+
 
 
 def _metrics(ledger: LedgerCollector | None) -> Handler:

@@ -59,13 +59,23 @@ def _open_spool(s: Settings):  # type: ignore[no-untyped-def]
     return spool
 
 
+def _receiver(rt, sweeper):  # type: ignore[no-untyped-def]
+    """What the listeners record through; each release of an association (or STOW-RS request answered)
+    wakes ``sweeper`` (if any) once the settle time has passed."""
+    from worker.listen.receiver import LedgerReceiver
+
+    s = rt.settings
+    settle = s.study_settle_seconds
+    wake = (lambda: sweeper.wake_in(settle + 0.05)) if sweeper is not None and settle >= 0 else None
+    return LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake,
+                          storage=rt.storage())
+
+
 def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignore[no-untyped-def]
     """The DICOM listener; on ``listen_socket`` (bound already) when several processes share the port,
-    each allowed its share of ``max_associations``. Each A-RELEASE wakes ``sweeper`` (if any) once
-    the settle time has passed."""
+    each allowed its share of ``max_associations``."""
     from dicom_node.scp import AssociationPolicy, StorageSCP
     from dicom_node.tls import server_context
-    from worker.listen.receiver import LedgerReceiver
 
     s = rt.settings
     share = math.ceil(s.max_associations / s.listen_processes) if listen_socket is not None else s.max_associations
@@ -76,15 +86,20 @@ def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignor
         if s.tls_cert_file is None or s.tls_key_file is None:
             raise ValueError("DICOM TLS needs both tls_cert_file and tls_key_file")
         tls = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_require_peer_cert)
-    spool = spool or _open_spool(s)
-    settle = s.study_settle_seconds
-    wake = (lambda: sweeper.wake_in(settle + 0.05)) if sweeper is not None and settle >= 0 else None
-    receiver = LedgerReceiver(rt.ledger, rt.publish if s.prepare_on_arrival else None, on_released=wake,
-                              storage=rt.storage())
-    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool, receiver, policy=policy, tls=tls,
-                     listen_socket=listen_socket, max_inflated_bytes=s.max_inflated_mb * 2**20)
+    scp = StorageSCP(s.ae_title, s.dicom_host, s.dicom_port, spool or _open_spool(s), _receiver(rt, sweeper),
+                     policy=policy, tls=tls, listen_socket=listen_socket,
+                     max_inflated_bytes=s.max_inflated_mb * 2**20)
     scp.start()
     return scp
+
+
+def _start_dicomweb(rt, sweeper, spool):  # type: ignore[no-untyped-def]
+    """STOW-RS into the listener's spool with PLEURA_DICOMWEB_PORT; None without."""
+    if rt.settings.dicomweb_port is None:
+        return None
+    from worker.listen import dicomweb
+
+    return dicomweb.start(rt.settings, spool, _receiver(rt, sweeper))
 
 
 def _start_sweepers(rt, periodic: bool = True):  # type: ignore[no-untyped-def]
@@ -194,14 +209,16 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     recover(rt.ledger, rt.publish, requeue_all=True)
     _check_notify(settings, _model(rt))
     sweepers = _start_sweepers(rt)
-    scp = _start_listener(rt, sweepers[0])
+    spool = _open_spool(settings)
+    scp = _start_listener(rt, sweepers[0], spool=spool)
+    stow = _start_dicomweb(rt, sweepers[0], spool)
     reports, hl7 = _start_reports(rt)
     http = start_http(settings, rt, "serve", reports)
     log.info("pleura serve ready", database=settings.effective_database_url.split("://")[0],
              broker=settings.effective_broker_url.split("://")[0],
              destinations=[str(d) for d in settings.destinations])
     _wait_for_signal()
-    _stop(http, hl7, *sweepers, scp)
+    _stop(http, stow, hl7, *sweepers, scp)
     work.stop(in_sighandler=False)
 
 
@@ -227,11 +244,14 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     require_schema(rt.ledger)
     sweepers = [] if args.no_sweeper else _start_sweepers(rt, periodic=not group.forked)
-    scp = _start_listener(rt, sweepers[0] if sweepers else None, shared, spool)
+    spool = spool or _open_spool(settings)
+    sweeper = sweepers[0] if sweepers else None
+    scp = _start_listener(rt, sweeper, shared, spool)
+    stow = None if group.forked else _start_dicomweb(rt, sweeper, spool)
     reports, hl7 = (None, None) if group.forked else _start_reports(rt)
     http = None if group.forked else start_http(settings, rt, "listen", reports)
     status = listener_processes.wait(group)
-    _stop(http, hl7, *sweepers, scp)
+    _stop(http, stow, hl7, *sweepers, scp)
     listener_processes.stop_children(group)
     if status:
         sys.exit(status)

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from worker.ledger import audit
 from worker.ledger.db import Ledger
-from worker.observability.http import Handler, Response, text
+from worker.web.server import Handler, Response, text
 
 if TYPE_CHECKING:
     from worker.monitor.concordance import Record

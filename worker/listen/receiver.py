@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dicom_node.scp import RELEASED, Peer, StoredInstance
+from dicom_node.filing import RELEASED, Peer, StoredInstance
 from worker.ledger import Association, Instance, Study, StudyArrival
 from worker.ledger.accession import accession_key
 from worker.ledger.db import Ledger, utcnow

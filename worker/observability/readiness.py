@@ -18,8 +18,8 @@ from typing import Any
 from kombu import Connection
 from sqlalchemy import Engine, create_engine, text
 
-from worker.observability.http import Handler, Response
 from worker.settings import Settings
+from worker.web.server import Handler, Response
 
 TIMEOUT_SECONDS = 2
 

@@ -17,9 +17,9 @@ reports are off). What is read (docs/hl7.md, Inbound):
   of what is stored, so an identical resend is the same message and an amended one a new report
 
 Answers: 201 (stored; ``Location``), 200 (an identical resend), 400 (not JSON, not a DiagnosticReport),
-401 (token), 404 (off), 411, 413, 415, 422 (a DiagnosticReport Pleura cannot use), 500 (the labeler
-failed), 503 (the ledger is unavailable, or the token file cannot be read); errors as an
-OperationOutcome without patient values.
+401 (token), 404 (off), 408 (the body did not arrive in time), 413, 415, 422 (a DiagnosticReport
+Pleura cannot use), 500 (the labeler failed), 503 (the ledger is unavailable, or the token file
+cannot be read); errors as an OperationOutcome without patient values.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 
 from worker.ledger.models import ReportStatus
-from worker.observability.http import PostRoute, Request, Response
 from worker.reports.store import IncomingReport, Intake
 from worker.settings import Settings
+from worker.web.server import PostRoute, Request, Response
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from dicom_node.scp import Peer, StoredInstance
+from dicom_node.filing import Peer, StoredInstance
 from tests.support import wait_for
 from worker import leases
 from worker.assemble import recovery

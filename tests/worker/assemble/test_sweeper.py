@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from dicom_node.scp import StoredInstance
+from dicom_node.filing import StoredInstance
 from worker.assemble.sweeper import sweep
 from worker.ledger import Attempt, Event, Job, Study
 from worker.ledger.db import Ledger, upgrade, utcnow

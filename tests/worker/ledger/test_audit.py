@@ -19,7 +19,7 @@ from alembic import command
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from dicom_node.scp import Peer
+from dicom_node.filing import Peer
 from worker.cli import main
 from worker.ledger import Association, Delivery, Instance, Job, OutputObject, Study, audit
 from worker.ledger.db import Ledger, _alembic_config, upgrade

@@ -135,7 +135,8 @@ def test_sop_instance_uid_mismatch_is_refused(real_cr: Path, tmp_path: Path) -> 
     data set received into the spool as the listener receives it."""
     from types import SimpleNamespace
 
-    from dicom_node.scp import CANNOT_UNDERSTAND, _Received
+    from dicom_node.filing import CANNOT_UNDERSTAND
+    from dicom_node.scp import _Received
 
     spool = Spool(tmp_path / "spool")
     received = _Received(spool, real_cr.read_bytes)  # the file's own preamble and meta, then no data set

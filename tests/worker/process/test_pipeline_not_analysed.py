@@ -28,8 +28,8 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from dicom_node.filing import StoredInstance
 from dicom_node.results.uids import derive_uid
-from dicom_node.scp import StoredInstance
 from tests.e2e.harness import storescp
 from worker.assemble.sweeper import sweep
 from worker.cli.status import recent_studies

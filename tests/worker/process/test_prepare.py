@@ -27,10 +27,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
+from dicom_node.filing import StoredInstance
 from dicom_node.results.content import Algorithm, ImageResult
 from dicom_node.results.sc import display_image, render
 from dicom_node.results.uids import derive_uid
-from dicom_node.scp import StoredInstance
 from tests.support import wait_for
 from worker.assemble.sweeper import sweep
 from worker.ledger import Embedding, Event, Finding, Instance, OutputObject

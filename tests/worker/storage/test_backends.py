@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from dicom_node.scp import StoredInstance
+from dicom_node.filing import StoredInstance
 from worker.ledger import Blob, Instance
 from worker.ledger.db import Ledger, upgrade, utcnow
 from worker.listen.receiver import LedgerReceiver
