@@ -1,5 +1,6 @@
-"""Where results and notifications go: DICOM peers (``AET@host:port``), RIS peers speaking HL7 v2 over
-MLLP (``host:port``), FHIR servers (a base URL); each with ``+tls`` where it applies."""
+"""Where results and notifications go: DICOM peers (``AET@host:port``) and DICOMweb servers (a base URL),
+RIS peers speaking HL7 v2 over MLLP (``host:port``), FHIR servers (a base URL); each with ``+tls`` where
+it applies."""
 
 from __future__ import annotations
 
@@ -28,11 +29,41 @@ class Destination:
     def parse(cls, text: str) -> Destination:
         match = _DESTINATION.match(text.strip())
         if not match:
-            raise ValueError(f"destination {text!r} is not of the form AET@host:port or AET@host:port+tls")
+            raise ValueError(f"destination {text!r} is not of the form AET@host:port, AET@host:port+tls "
+                             "or a DICOMweb base URL (http://host:port/dicom-web)")
         return cls(match["aet"].strip(), match["host"], int(match["port"]), match["tls"] is not None)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
+
+
+@dataclass(frozen=True)
+class DicomWebDestination:
+    """A DICOMweb server that receives results by STOW-RS: its base URL, ``http://host:port/dicom-web`` or
+    ``https://...`` (the server's certificate must come from ``tls_ca_file``; ours is presented when
+    configured). Credentials go in ``destination_token_file``, never in the URL."""
+
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> DicomWebDestination:
+        url = _base_url(text, "DICOMweb destination")
+        if urlsplit(url).username is not None:
+            raise ValueError(f"DICOMweb destination {url.split('@')[-1]!r} carries credentials: put a bearer "
+                             "token in PLEURA_DESTINATION_TOKEN_FILE instead")
+        return cls(url)
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https:")
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_destination(text: str) -> Destination | DicomWebDestination:
+    """A ``PLEURA_DESTINATIONS`` entry: ``AET@host:port[+tls]``, or a DICOMweb base URL."""
+    return DicomWebDestination.parse(text) if "://" in text else Destination.parse(text)
 
 
 @dataclass(frozen=True)
@@ -57,8 +88,17 @@ class Hl7Peer:
 
 def fhir_base(text: str) -> str:
     """A FHIR server's base URL (``http://`` or ``https://``), without a trailing slash."""
+    return _base_url(text, "FHIR destination")
+
+
+def _base_url(text: str, what: str) -> str:
+    """An ``http://`` or ``https://`` base URL without a trailing slash, query or fragment."""
     url = text.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ValueError(f"FHIR destination {text!r} is not an http:// or https:// base URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number or out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{what} {text!r} is not an http:// or https:// base URL")
     return url

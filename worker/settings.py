@@ -16,7 +16,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from worker.destinations import Destination, Hl7Peer, fhir_base
+from worker.destinations import Destination, DicomWebDestination, Hl7Peer, fhir_base, parse_destination
 
 #: Secret files are read from here when ``PLEURA_SECRETS_DIR`` is unset and the folder exists
 #: (Docker and Compose mount secrets there).
@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     dicomweb_timeout_seconds: float = Field(60.0, gt=0)
     #: HTTPS on the DICOMweb port (the DICOM TLS certificate settings)
     dicomweb_tls: bool = False
-    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    #: where results go: ``AET@host:port[+tls]`` (C-STORE) or a DICOMweb base URL (STOW-RS), comma-separated
+    destinations: Annotated[list[Destination | DicomWebDestination], NoDecode] = Field(default_factory=list)
+    #: a file holding the bearer token sent to DICOMweb destinations (read at every send: it may be rotated)
+    destination_token_file: Path | None = None
     study_quiet_seconds: float = 10.0
     #: a study whose associations all ended with an A-RELEASE is complete this long after its last
     #: instance (worker.assemble.completion); negative: that rule is off and the quiet period decides
@@ -138,11 +141,8 @@ class Settings(BaseSettings):
 
     @field_validator("destinations", mode="before")
     @classmethod
-    def _parse_destinations(cls, value: Any) -> list[Destination]:
-        if value is None or value == "":
-            return []
-        items = value.split(",") if isinstance(value, str) else value
-        return [i if isinstance(i, Destination) else Destination.parse(i) for i in items if i]
+    def _parse_destinations(cls, value: Any) -> list[Destination | DicomWebDestination]:
+        return [i if isinstance(i, Destination | DicomWebDestination) else parse_destination(i) for i in _items(value)]
 
     @field_validator("notify_hl7", mode="before")
     @classmethod

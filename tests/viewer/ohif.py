@@ -59,13 +59,26 @@ def dicomweb_plugin() -> Path | None:
     return None
 
 
-def missing() -> str | None:
-    """Why the viewer stack cannot start on this machine (a skip reason), or None."""
-    for tool in ("Orthanc", "nginx", "node", "chromium"):
+def _tool_missing(*tools: str) -> str | None:
+    for tool in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             return f"{tool} is not installed ({_SETUP} with apt-get)"
+    return None
+
+
+def orthanc_missing() -> str | None:
+    """Why :class:`DicomWebOrthanc` cannot start on this machine (a skip reason), or None."""
+    if absent := _tool_missing("Orthanc"):
+        return absent
     if dicomweb_plugin() is None:
         return f"Orthanc's DICOMweb plugin is not installed (orthanc-dicomweb; {_SETUP})"
+    return None
+
+
+def missing() -> str | None:
+    """Why the viewer stack cannot start on this machine (a skip reason), or None."""
+    if absent := orthanc_missing() or _tool_missing("nginx", "node", "chromium"):
+        return absent
     if not (OHIF_DIST / "index.html").is_file():
         return f"OHIF {OHIF_VERSION} is not installed in {OHIF_DIST.parent} ({_SETUP} with npm)"
     if not (VIEWER_DIR / "node_modules" / "puppeteer-core").is_dir():
@@ -74,31 +87,40 @@ def missing() -> str | None:
 
 
 class DicomWebOrthanc:
-    """Orthanc as the PACS the viewer reads: DICOM in, DICOMweb out, no authentication, loopback only."""
+    """Orthanc as the PACS the viewer reads: DICOM in, DICOMweb out, loopback only, no authentication
+    unless ``lua`` asks for it.
+
+    ``lua``: Lua scripts for Orthanc (an ``IncomingHttpRequestFilter`` that demands a bearer token, since
+    Orthanc has no bearer authentication of its own; a ``ReceivedInstanceFilter``); ``token``: the
+    bearer token :meth:`rest` then sends; ``config``: more of Orthanc's configuration (``SslEnabled``...)."""
 
     AE_TITLE = "ORTHANC"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, lua: str = "", token: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.token = token
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         self.http_port, self.dicom_port = free_port(), free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        config = {
+        config = (config or {}) | {
             "Name": "pleura-viewer-test", "StorageDirectory": str(workdir / "db"),
             "IndexDirectory": str(workdir / "db"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": self.AE_TITLE, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "HttpServerEnabled": True, "DicomServerEnabled": True, "StorageCompression": False,
-            "Plugins": [str(dicomweb_plugin())],
+            "Plugins": [str(dicomweb_plugin())], "LuaScripts": [str(workdir / "filters.lua")] if lua else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
                          "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
         }
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
+        (workdir / "filters.lua").write_text(lua)
         self.proc = Proc([binary, str(workdir / "orthanc.json")], workdir / "orthanc.log")
         wait_port(self.http_port, self.proc)
         wait_port(self.dicom_port, self.proc)
 
     def rest(self, path: str, data: bytes | None = None) -> Any:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                         method="POST" if data is not None else "GET")
+                                         method="POST" if data is not None else "GET",
+                                         headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 

@@ -156,17 +156,19 @@ def _model(rt) -> Bundle:  # type: ignore[no-untyped-def]
     return engine.bundle
 
 
-def _check_notify(settings: Settings, bundle: Bundle) -> None:
-    """Exit with the reason when the RIS notification settings cannot work with this model."""
+def _check_outbound(settings: Settings, bundle: Bundle) -> None:
+    """Exit with the reason when the RIS notification settings cannot work with this model, or a token
+    file for results or notifications is missing."""
     from worker.notify.result import check_triage
 
     try:
         check_triage(settings.triage_findings, bundle)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    token = settings.notify_fhir_token_file
-    if token is not None and not token.is_file():
-        sys.exit(f"error: PLEURA_NOTIFY_FHIR_TOKEN_FILE={token} is not a readable file")
+    for name, token in (("NOTIFY_FHIR", settings.notify_fhir_token_file),
+                        ("DESTINATION", settings.destination_token_file)):
+        if token is not None and not token.is_file():
+            sys.exit(f"error: PLEURA_{name}_TOKEN_FILE={token} is not a readable file")
 
 
 def _start_reports(rt):  # type: ignore[no-untyped-def]
@@ -207,7 +209,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     threading.Thread(target=work.start, name="pleura-celery", daemon=True).start()
     # the dead predecessor's broker held its queue: its deliveries go out while the model loads
     recover(rt.ledger, rt.publish, requeue_all=True)
-    _check_notify(settings, _model(rt))
+    _check_outbound(settings, _model(rt))
     sweepers = _start_sweepers(rt)
     spool = _open_spool(settings)
     scp = _start_listener(rt, sweepers[0], spool=spool)
@@ -271,7 +273,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     rt = _runtime(settings)
     require_schema(rt.ledger)
     rt.cpu().start()
-    _check_notify(settings, _model(rt))
+    _check_outbound(settings, _model(rt))
     recover(rt.ledger, rt.publish, requeue_all=False)  # the broker kept the queue; leases are ours to free
     start_http(settings, rt, "worker")
     celery_app.app.worker_main([

@@ -1,4 +1,5 @@
-"""Deliver role: C-STORE one output object to one destination, with backoff between tries.
+"""Deliver role: send one output object to one destination, C-STORE or DICOMweb STOW-RS
+(:mod:`worker.deliver.stow`), with backoff between tries.
 
 Retries double their delay up to a cap and go on until the delivery horizon (counted from
 when the result was produced); a delivery still not accepted then ends FAILED. There is no
@@ -7,8 +8,10 @@ separate count of tries: with a capped backoff a count only restates the horizon
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import structlog
@@ -17,7 +20,9 @@ from sqlalchemy.orm import Session
 
 from dicom_node.scu import send_files
 from dicom_node.tls import client_context
-from worker.destinations import Destination
+from worker.deliver import stow
+from worker.deliver.stow import Answer
+from worker.destinations import Destination, DicomWebDestination, parse_destination
 from worker.leases import claimed, retry_or_fail
 from worker.ledger import Delivery
 from worker.ledger.db import as_utc, utcnow
@@ -28,6 +33,7 @@ from worker.notify import release
 from worker.observability.metrics import DELIVERY_ATTEMPTS, DELIVERY_FAILURES, observe_stage
 from worker.queue import NOTIFY_TASK
 from worker.runtime import Runtime
+from worker.settings import Settings
 from worker.storage import output_key
 from worker.storage.base import fetched
 
@@ -53,29 +59,29 @@ def deliver(rt: Runtime, delivery_id: int) -> None:
             _send(rt, delivery_id, *what)
 
 
-def _what_to_send(_s: Session, delivery: Delivery) -> tuple[Destination, str, str]:
-    """The claimed delivery's destination, and its object's recorded path and SOP Instance UID."""
+def _what_to_send(_s: Session, delivery: Delivery) -> tuple[Destination | DicomWebDestination, str, str, str, str]:
+    """The claimed delivery's destination, and its object's recorded path, SOP Instance, Study and Series UIDs."""
     structlog.contextvars.bind_contextvars(study_id=delivery.output.job.study_id)
-    return Destination.parse(delivery.destination), delivery.output.path, delivery.output.sop_instance_uid
+    output = delivery.output
+    return (parse_destination(delivery.destination), output.path, output.sop_instance_uid,
+            output.job.study.study_instance_uid, output.series_instance_uid)
 
 
-def _send(rt: Runtime, delivery_id: int, target: Destination, recorded: str, uid: str) -> None:
+def _send(rt: Runtime, delivery_id: int, target: Destination | DicomWebDestination, recorded: str, uid: str,
+          study_uid: str, series_uid: str) -> None:
     settings = rt.settings
-    status: int | None = None
-    permanent = False
     try:
         tls = (client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
                if target.tls else None)
         with fetched(rt.storage(), output_key(uid), recorded) as path:
-            result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
-                                calling_ae=settings.ae_title, tls=tls)[0]
-        status, error, ok, permanent = result.status, result.error, result.ok, result.permanent
-        if not ok and error is None:
-            error = f"peer answered status 0x{status:04X}" if status is not None else "no status"
-    except Exception as exc:  # network, association and file errors all mean "try again"
-        error, ok = f"{type(exc).__name__}: {exc}", False
+            if isinstance(target, DicomWebDestination):
+                answer = stow.store(target, path, uid, study_uid, series_uid, tls, settings.destination_token_file)
+            else:
+                answer = _c_store(settings, target, path, tls)
+    except Exception as exc:  # network, association, HTTP and file errors all mean "try again"
+        answer = Answer(None, False, error=f"{type(exc).__name__}: {exc}")
     # the peer has the object now: losing this write (a database restart) would send it twice
-    done = _retrying(lambda: _record_outcome(rt, delivery_id, status, error, ok, permanent),
+    done = _retrying(lambda: _record_outcome(rt, delivery_id, answer),
                      rt.settings.lease_seconds / 2)  # well inside the delivery's lease
     DELIVERY_ATTEMPTS.labels(done.outcome).inc()
     if done.seconds is not None:
@@ -84,6 +90,16 @@ def _send(rt: Runtime, delivery_id: int, target: Destination, recorded: str, uid
         DELIVERY_FAILURES.labels(done.reason).inc()
     for notification_id in done.released:
         rt.publish(NOTIFY_TASK, notification_id)
+
+
+def _c_store(settings: Settings, target: Destination, path: Path, tls: ssl.SSLContext | None) -> Answer:
+    """One C-STORE on its own association; the peer's DIMSE status decides."""
+    result = send_files(target.host, target.port, [path], called_ae=target.ae_title,
+                        calling_ae=settings.ae_title, tls=tls)[0]
+    error = result.error
+    if not result.ok and error is None:
+        error = f"peer answered status 0x{result.status:04X}" if result.status is not None else "no status"
+    return Answer(result.status, result.ok, result.permanent, error)
 
 
 def _retrying(write: Callable[[], _Outcome], seconds: float) -> _Outcome:
@@ -99,33 +115,33 @@ def _retrying(write: Callable[[], _Outcome], seconds: float) -> _Outcome:
             time.sleep(0.5)
 
 
-def _record_outcome(rt: Runtime, delivery_id: int, status: int | None, error: str | None, ok: bool,
-                    permanent: bool) -> _Outcome:
+def _record_outcome(rt: Runtime, delivery_id: int, answer: Answer) -> _Outcome:
     settings = rt.settings
     with rt.ledger.session() as s:
         delivery = s.get(Delivery, delivery_id)
         assert delivery is not None
-        delivery.peer_status = status
+        delivery.peer_status = status = answer.status
         study_id = delivery.output.job.study_id
-        if ok:
+        where = {"delivery_id": delivery_id, "destination": delivery.destination}
+        if answer.checked is not None:
+            record(s, "delivery_checked", study_id=study_id, **where, **answer.checked)
+        if answer.ok:
             delivery.state, delivery.delivered_at, delivery.last_error = DeliveryState.DELIVERED, utcnow(), None
-            record(s, "delivered", study_id=study_id, delivery_id=delivery_id,
-                   destination=delivery.destination, peer_status=status)
+            record(s, "delivered", study_id=study_id, peer_status=status, **where)
             return _Outcome("delivered", (delivery.delivered_at - as_utc(delivery.output.created_at)).total_seconds(),
                             released=_release(s, delivery))
-        delivery.last_error = error
-        backoff = retry_or_fail(delivery, settings, as_utc(delivery.output.created_at), permanent)
+        # the peer's own words go to the ledger only: the logs get our reason
+        delivery.last_error = error = f"{answer.error}: {answer.text}" if answer.text else answer.error
+        backoff = retry_or_fail(delivery, settings, as_utc(delivery.output.created_at), answer.permanent)
         if backoff is None:
-            record(s, "delivery_failed", study_id=study_id, delivery_id=delivery_id,
-                   destination=delivery.destination, attempts=delivery.attempts, error=error,
-                   reason="peer refused permanently" if permanent else "delivery horizon passed")
-            log.error("delivery failed for good", delivery_id=delivery_id, error=error)
-            return _Outcome("failed", reason="peer_refused" if permanent else "horizon_passed",
+            record(s, "delivery_failed", study_id=study_id, attempts=delivery.attempts, error=error,
+                   reason="peer refused permanently" if answer.permanent else "delivery horizon passed", **where)
+            log.error("delivery failed for good", delivery_id=delivery_id, error=answer.error)
+            return _Outcome("failed", reason="peer_refused" if answer.permanent else "horizon_passed",
                             released=_release(s, delivery))
-        record(s, "delivery_retry", study_id=study_id, delivery_id=delivery_id,
-               destination=delivery.destination, attempts=delivery.attempts, error=error,
-               retry_in_seconds=backoff)
-        log.warning("delivery will be retried", delivery_id=delivery_id, retry_in_s=backoff, error=error)
+        record(s, "delivery_retry", study_id=study_id, attempts=delivery.attempts, error=error,
+               retry_in_seconds=backoff, **where)
+        log.warning("delivery will be retried", delivery_id=delivery_id, retry_in_s=backoff, error=answer.error)
         return _Outcome("retry")
 
 

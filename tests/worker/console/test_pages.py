@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from worker.observability.http import Handler
 
 from worker.console.pages import Console
 from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Report, Study
 from worker.ledger.db import Ledger, upgrade
 from worker.ledger.events import record
-from worker.observability.http import Handler
 from worker.settings import load_settings
 
 EVIL = '<script>alert("x")</script>'
