@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from worker.observability.http import Handler
+from worker.web.server import Handler
 
 from worker.console.pages import Console
 from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Report, Study
