@@ -4,37 +4,41 @@
         [--receivers pleura,storescp,orthanc] [--repeats 3] [--pg-admin URL] [--rabbitmq-host 127.0.0.1:5672]
         [--listen-processes CPUS] [--data build/ingest-data] [--out bench/results]
     .venv/bin/python -m bench.ingest --quick     # under a minute: the figure to give after touching the receive path
+    .venv/bin/python -m bench.ingest --syntaxes explicit --receivers pleura-stow,orthanc-stow,pleura   # STOW-RS
 
 ``--quick`` is ``--files 24 --syntaxes explicit --associations 4 --receivers pleura,storescp,orthanc
 --repeats 3 --out build/bench --name ingest-quick``, and ends with one line of ratios.
 
-Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their
-original matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax
-(``explicit``: Explicit VR Little Endian, ``j2k``: JPEG 2000 lossless, ``jpegls``: JPEG-LS
-lossless); generated once into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in
-its own transfer syntax, never decompressed), one process per association, the files split evenly
-among them. Receivers, each started fresh for every run, on free ports of 127.0.0.1: ``pleura`` (and
-``pleura-db``, the same with ``PLEURA_STORAGE=database``: each instance's bytes copied into
-``blob_chunks`` rows in the transaction of its ledger row, the spool copy then removed) is
-``pleura listen --no-sweeper`` in production mode with ``--listen-processes`` processes accepting on
-the port (``PLEURA_LISTEN_PROCESSES``; default: one per CPU, as Orthanc's threads and ``storescp``'s
-forks use every core) (ledger on a fresh PostgreSQL database at ``--pg-admin``, migrated with
-``pleura db upgrade``; a fresh RabbitMQ virtual host on ``--rabbitmq-host`` takes the
-prepare-on-arrival hints it publishes, which nothing consumes here), which fsyncs each file and
-commits its ledger row before answering Success; ``storescp`` is DCMTK's ``storescp --fork +xa -od
-DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with its default SQLite index
-and file storage. Each receiver first gets ``WARM_UP_FILES`` other files over the same number of
-associations, not timed: start-up costs (imports, connection pools, caches) are not what a PACS
-meets. Timed: from starting the senders to the last sender's exit. Afterwards the count of instances
-kept is checked against the count sent (warm-up included: ledger rows, files, Orthanc's
-/statistics); a run that falls short fails the benchmark. MB/s counts file bytes (10^6). Each case
-runs ``--repeats`` times; the median wall time is reported, with ratios Pleura/storescp and
-Pleura/Orthanc.
-"""
+Data: ``--files`` chest X-rays from the shared NIH sample written by ``pleura synth`` at their original
+matrix size (about 2500 x 2500, 12-bit, one instance per file) in each transfer syntax (``explicit``:
+Explicit VR Little Endian, ``j2k``: JPEG 2000 lossless, ``jpegls``: JPEG-LS lossless); generated once
+into ``--data`` and reused. Sender: DCMTK ``dcmsend -dn`` (each file in its own transfer syntax, never
+decompressed), one process per association, the files split evenly among them. Receivers, each started
+fresh for every run, on free ports of 127.0.0.1: ``pleura`` (and ``pleura-db``, the same with
+``PLEURA_STORAGE=database``: each instance's bytes copied into ``blob_chunks`` rows in the transaction
+of its ledger row, the spool copy then removed) is ``pleura listen --no-sweeper`` in production mode
+with ``--listen-processes`` processes accepting on the port (``PLEURA_LISTEN_PROCESSES``; default: one
+per CPU, as Orthanc's threads and ``storescp``'s forks use every core) (ledger on a fresh PostgreSQL
+database at ``--pg-admin``, migrated with ``pleura db upgrade``; a fresh RabbitMQ virtual host on
+``--rabbitmq-host`` takes the prepare-on-arrival hints it publishes, which nothing consumes here), which
+fsyncs each file and commits its ledger row before answering Success; ``storescp`` is DCMTK's ``storescp
+--fork +xa -od DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with its default
+SQLite index and file storage. ``pleura-stow`` and ``orthanc-stow`` are the same two receivers taking
+the files by DICOMweb STOW-RS instead (Pleura: ``PLEURA_DICOMWEB_PORT`` with a bearer token, each part
+fsynced and recorded before the next is read; Orthanc: its DICOMweb plugin); their sender is one thread
+per client (``--associations`` clients) in this process, each POSTing its files ``--stow-parts`` to a
+request (default one: a request per file; parts of ``multipart/related`` streamed from the files in 1
+MiB pieces) over one kept-alive HTTP connection. Each receiver first gets ``WARM_UP_FILES`` other files
+over the same number of associations, not timed: start-up costs (imports, connection pools, caches) are
+not what a PACS meets. Timed: from starting the senders to the last sender's exit. Afterwards the count
+of instances kept is checked against the count sent (warm-up included: ledger rows, files, Orthanc's
+/statistics); a run that falls short fails the benchmark. MB/s counts file bytes (10^6). Each case runs
+``--repeats`` times; the median wall time is reported, with ratios Pleura/storescp and Pleura/Orthanc."""
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.metadata
 import json
 import os
@@ -44,8 +48,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +63,11 @@ from bench.common import free_port, host, postgres_db, process, rabbitmq_vhost, 
 
 PLEURA = str(Path(sys.executable).with_name("pleura"))
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
-RECEIVERS = ("pleura", "pleura-db", "storescp", "orthanc")
+RECEIVERS = ("pleura", "pleura-db", "storescp", "orthanc", "pleura-stow", "orthanc-stow")
+#: receivers that take the files by DICOMweb STOW-RS (``send_stow``); the others by C-STORE (``send``)
+STOW = ("pleura-stow", "orthanc-stow")
+STOW_TOKEN = "bench-token"
+_STOW_PIECE = 1 << 20
 #: Files sent (over the run's number of associations) to each fresh receiver before the timed send,
 #: so that start-up costs (imports, connection pools, caches) are not counted: a PACS's peer runs for months.
 WARM_UP_FILES = 4
@@ -96,13 +106,18 @@ Receiver = Iterator[tuple[int, str, Callable[[], int]]]
 
 @contextmanager
 def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, storage: str = "local",
-           on_start: Callable[[subprocess.Popen], None] | None = None) -> Receiver:
-    """``on_start`` gets the listener's process once all its processes serve the port (bench.ingest_profile)."""
+           on_start: Callable[[subprocess.Popen], None] | None = None, stow: bool = False) -> Receiver:
+    """``on_start`` gets the listener's process once all its processes serve the port (bench.ingest_profile);
+    with ``stow`` the port yielded is that of STOW-RS (``PLEURA_DICOMWEB_PORT``)."""
     with postgres_db(pg_admin, "pleura_ingest") as url, rabbitmq_vhost(rabbitmq_host) as broker:
-        port = free_port()
+        port, http_port = free_port(), free_port()
         env = {"PLEURA_DATA_DIR": str(workdir / "var"), "PLEURA_DATABASE_URL": url, "PLEURA_BROKER_URL": broker,
                "PLEURA_DICOM_HOST": "127.0.0.1", "PLEURA_DICOM_PORT": str(port), "PLEURA_MIN_FREE_DISK_MB": "20",
                "PLEURA_LISTEN_PROCESSES": str(processes), "PLEURA_STORAGE": storage}
+        if stow:
+            (workdir / "tokens").write_text(f"BENCH:{STOW_TOKEN}\n")
+            env |= {"PLEURA_DICOMWEB_PORT": str(http_port), "PLEURA_DICOMWEB_HOST": "127.0.0.1",
+                    "PLEURA_DICOMWEB_TOKEN_FILE": str(workdir / "tokens")}
         log, ledger = workdir / "pleura.log", create_engine(url)
 
         def count() -> int:
@@ -114,9 +129,11 @@ def pleura(workdir: Path, pg_admin: str, rabbitmq_host: str, processes: int, sto
             with process([PLEURA, "listen", "--no-sweeper"], log, env) as proc:
                 wait_port(port, proc, log)
                 _wait_listening(processes, proc, log)  # the port opens before they all serve it
+                if stow:
+                    wait_port(http_port, proc, log)
                 if on_start is not None:
                     on_start(proc)
-                yield port, "PLEURA", count
+                yield (http_port if stow else port), "PLEURA", count
         finally:
             ledger.dispose()
 
@@ -132,23 +149,33 @@ def storescp(workdir: Path) -> Receiver:
 
 
 @contextmanager
-def orthanc(workdir: Path) -> Receiver:
-    http, port = free_port(), free_port()
+def orthanc(workdir: Path, stow: bool = False) -> Receiver:
+    """With ``stow`` the DICOMweb plugin is loaded and the port yielded is the HTTP one."""
+    http_port, port = free_port(), free_port()
     config = {"Name": "bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
-              "HttpPort": http, "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "HttpPort": http_port, "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
-              "Plugins": []}
+              "Plugins": [str(_dicomweb_plugin())] if stow else [],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     (workdir / "orthanc.json").write_text(json.dumps(config))
 
     def count() -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as response:
             return int(json.loads(response.read())["CountInstances"])
 
     log = workdir / "orthanc.log"
     with process(["Orthanc", str(workdir / "orthanc.json")], log) as proc:
-        wait_port(http, proc, log)
+        wait_port(http_port, proc, log)
         wait_port(port, proc, log)
-        yield port, "ORTHANC", count
+        yield (http_port if stow else port), "ORTHANC", count
+
+
+def _dicomweb_plugin() -> Path:
+    """Orthanc's DICOMweb plugin (Debian's ``orthanc-dicomweb``)."""
+    for pattern in ("usr/share/orthanc/plugins/libOrthancDicomWeb.so", "usr/lib/orthanc/libOrthancDicomWeb.so*"):
+        if found := sorted(Path("/").glob(pattern)):
+            return found[0]
+    raise RuntimeError("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
 
 
 # --- one run ---------------------------------------------------------------------------------------
@@ -169,6 +196,57 @@ def send(port: int, called_ae: str, files: list[Path], associations: int) -> flo
     return wall
 
 
+def send_stow(port: int, files: list[Path], clients: int, token: str | None, per_request: int = 1) -> float:
+    """POST ``files`` to ``/dicom-web/studies``, ``per_request`` parts a request, from ``clients`` threads
+    each on one kept-alive connection; seconds until the last one is answered. Any answer but 200 fails
+    the run."""
+    failures: list[str] = []
+
+    def client(part: list[Path]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            for start in range(0, len(part), per_request):
+                batch, boundary = part[start:start + per_request], uuid.uuid4().hex
+                head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                between = f"\r\n{head.decode()}".encode()
+                tail = f"\r\n--{boundary}--\r\n".encode()
+                size = len(head) + (len(batch) - 1) * len(between) + len(tail) + sum(p.stat().st_size for p in batch)
+                headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                           "Accept": "application/dicom+json", "Content-Length": str(size)}
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
+                conn.request("POST", "/dicom-web/studies", body=_pieces(head, between, batch, tail), headers=headers)
+                answer = conn.getresponse()
+                body = answer.read()
+                if answer.status != 200:
+                    failures.append(f"{answer.status}: {body[:300]!r}")
+                    return
+        finally:
+            conn.close()
+
+    parts = [files[i::clients] for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(part,)) for part in parts if part]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"STOW-RS failed: {failures[0]}")
+    return wall
+
+
+def _pieces(head: bytes, between: bytes, paths: list[Path], tail: bytes) -> Iterator[bytes]:
+    """A multipart body read from the files piece by piece as it is sent."""
+    for n, path in enumerate(paths):
+        yield between if n else head
+        with path.open("rb") as fh:
+            while piece := fh.read(_STOW_PIECE):
+                yield piece
+    yield tail
+
+
 def run_once(receiver: str, files: list[Path], warm_up: list[Path], associations: int,
              args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory(prefix="pleura-ingest-", dir=args.tmp) as tmp:
@@ -176,10 +254,18 @@ def run_once(receiver: str, files: list[Path], warm_up: list[Path], associations
         start = {"pleura": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes),
                  "pleura-db": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes,
                                              "database"),
-                 "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir)}[receiver]
+                 "pleura-stow": lambda: pleura(workdir, args.pg_admin, args.rabbitmq_host, args.listen_processes,
+                                               stow=True),
+                 "storescp": lambda: storescp(workdir), "orthanc": lambda: orthanc(workdir),
+                 "orthanc-stow": lambda: orthanc(workdir, stow=True)}[receiver]
         with start() as (port, called_ae, count):
-            send(port, called_ae, warm_up, associations)
-            wall = send(port, called_ae, files, associations)
+            if receiver in STOW:
+                token = STOW_TOKEN if receiver.startswith("pleura") else None
+                send_stow(port, warm_up, associations, token, args.stow_parts)
+                wall = send_stow(port, files, associations, token, args.stow_parts)
+            else:
+                send(port, called_ae, warm_up, associations)
+                wall = send(port, called_ae, files, associations)
             kept = count()
         if kept != len(files) + len(warm_up):
             raise RuntimeError(f"{receiver} kept {kept} of {len(files) + len(warm_up)} instances")
@@ -207,9 +293,10 @@ def ratios(runs: list[dict]) -> list[dict]:
         if not receiver.startswith("pleura"):
             continue
         row: dict[str, Any] = {"receiver": receiver, "syntax": syntax, "associations": assoc}
-        for other in ("storescp", "orthanc") + (("pleura",) if receiver != "pleura" else ()):
+        for other in ("storescp", "orthanc", "orthanc-stow") + (("pleura",) if receiver != "pleura" else ()):
             if (other, syntax, assoc) in by:
-                row[f"{receiver.replace('-', '_')}_over_{other}"] = round(rate / by[(other, syntax, assoc)], 2)
+                row[f"{receiver.replace('-', '_')}_over_{other.replace('-', '_')}"] = round(
+                    rate / by[(other, syntax, assoc)], 2)
         out.append(row)
     return out
 
@@ -236,7 +323,7 @@ def plot(report: dict, path: Path) -> None:
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks([x + width * (len(receivers) - 1) / 2 for x in range(len(syntaxes))],
                       [SYNTAX_NAMES.get(s, s) for s in syntaxes], fontsize=8)
-        ax.set_title(f"{assoc} association{'s' if assoc > 1 else ''} (dcmsend)")
+        ax.set_title(f"{assoc} association{'s' if assoc > 1 else ''} or STOW-RS client{'s' if assoc > 1 else ''}")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("MB/s of DICOM files received")
     axes[0][0].legend()
@@ -274,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers store (default: system temp)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="ingest", help="stem of the JSON and PNG written")
+    parser.add_argument("--stow-parts", type=int, default=1,
+                        help="instances a STOW-RS request carries (default 1: a request per file)")
     parser.add_argument("--quick", action="store_true", help="explicit VR, 4 associations, 24 files: under a minute")
     args = parser.parse_args(argv)
     if args.quick:
@@ -285,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method": __doc__.split("\n\n", 2)[2].strip().replace("\n", " "),
         "host": host(),
         "versions": _versions(), "repeats": args.repeats, "pleura_listen_processes": args.listen_processes,
+        "stow_parts_per_request": args.stow_parts,
         "runs": [],
     }
     for syntax in args.syntaxes.split(","):

@@ -1,16 +1,16 @@
-"""DICOMweb STOW-RS origin server (PS3.18 10.5): ``POST {prefix}/studies`` and
-``POST {prefix}/studies/{StudyInstanceUID}``, as Starlette routes.
+"""DICOMweb STOW-RS origin server (PS3.18 10.5): ``POST {prefix}/studies`` and ``POST
+{prefix}/studies/{StudyInstanceUID}``, as Starlette routes.
 
 The body, ``multipart/related; type="application/dicom"``, is parsed as it arrives
-(python-multipart): each part is written into a spool temporary file, then filed and recorded
-exactly as a C-STORE data set (:mod:`dicom_node.filing`) before the next part is read, so a part
-is acknowledged only once its bytes and its ledger row are durable. The answer is the Store
-Instances Response Module in DICOM JSON: 200 all stored, 202 some failed, 409 none stored (a
-FailedSOPSequence item with its FailureReason for each), 400 (no or a broken multipart body), 401
-(bearer token), 408 (the client stalled), 413 (over ``max_bytes``), 415 (not
+(python-multipart, in worker threads a MiB at a time): each part is written into a spool temporary file,
+then filed and recorded exactly as a C-STORE data set (:mod:`dicom_node.filing`) before the next
+part is parsed, so a part is acknowledged only once its bytes and its ledger row are durable. The
+answer is the Store Instances Response Module in DICOM JSON: 200 all stored, 202 some failed, 409
+none stored (a FailedSOPSequence item with its FailureReason for each), 400 (no or a broken
+multipart body), 401 (bearer token), 408 (the client stalled), 413 (over ``max_bytes``), 415 (not
 ``application/dicom`` parts), 503 (none stored for want of resources). Every request is an
-association for the :class:`~dicom_node.filing.Receiver`: the token's name is its calling AE, it
-is released once the answer is sent.
+association for the :class:`~dicom_node.filing.Receiver`: the token's name is its calling AE, it is
+released once the answer is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -59,6 +59,8 @@ DICOM_JSON = "application/dicom+json"
 CALLED = "STOW-RS"
 _STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 _ACCEPTED_SYNTAXES = frozenset(str(s) for s in ACCEPTED_TRANSFER_SYNTAXES)
+#: bytes of a body gathered before they are parsed in a worker thread (one thread hop per MiB)
+_FEED = 1 << 20
 #: most of a refused body read (and dropped) so that the client is answered, not reset
 _DRAIN_LIMIT = 16 * 2**20
 
@@ -174,19 +176,20 @@ class StowService:
     async def store(self, request: Request) -> Response:
         sender = self._check(request)
         if isinstance(sender, Response):  # refused: a bounded part of the body is read so the client hears why
-            await _drain(request)
+            log.warning("STOW-RS request refused", status=sender.status_code,
+                        peer_host=request.client.host if request.client else "")
+            await _drain(request.stream())
             return sender
         client = request.client
         peer = Peer(sender, CALLED, client.host if client else "", client.port if client else 0)
-        try:
-            key = await run_in_threadpool(self.receiver.association_opened, peer)
-        except Exception as exc:
-            log.error("STOW-RS request could not be recorded", error=type(exc).__name__)
-            await _drain(request)
-            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the request could not be recorded; try again later")
+        # recorded while the body starts to arrive; awaited before the first part is filed
+        opened = asyncio.ensure_future(run_in_threadpool(self.receiver.association_opened, peer))
         boundary = parse_options_header(request.headers.get("content-type", ""))[1][b"boundary"]
-        status, outcomes, why = await self._receive(request, key, boundary, request.path_params.get("study"))
-        return self._answer(status, outcomes, why, key)
+        try:
+            status, outcomes, why = await self._receive(request, opened, boundary, request.path_params.get("study"))
+        except _NotRecorded:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the request could not be recorded; try again later")
+        return self._answer(status, outcomes, why, opened.result())
 
     def _check(self, request: Request) -> str | Response:
         """The sender (its token's name), or the answer to a request refused on its headers alone."""
@@ -226,14 +229,16 @@ class StowService:
                 found = name
         return found
 
-    async def _receive(self, request: Request, key: object, boundary: bytes,
+    async def _receive(self, request: Request, opened: asyncio.Future, boundary: bytes,
                        study: str | None) -> tuple[int | None, list[_Outcome], str]:
         """Parse and file the parts; an HTTP status that overrides the outcomes' (or None), the
-        outcomes, and why the body was cut short."""
+        outcomes, and why the body was cut short. ``opened``: the association's key, being recorded
+        (_NotRecorded when it could not be)."""
         parts = _Parts(self.spool)
         parser = MultipartParser(boundary, parts.callbacks())
         outcomes: list[_Outcome] = []
-        received, status, why = 0, None, ""
+        pending: list[bytes] = []
+        received, buffered, status, why = 0, 0, None, ""
         stream = request.stream().__aiter__()
         try:
             while True:
@@ -241,18 +246,28 @@ class StowService:
                     chunk = await asyncio.wait_for(stream.__anext__(), self.policy.timeout)
                 except StopAsyncIteration:
                     break
+                except TimeoutError:
+                    status, why = HTTPStatus.REQUEST_TIMEOUT, f"the client sent nothing for {self.policy.timeout:g} s"
+                    break
+                except ClientDisconnect:
+                    status, why = HTTPStatus.BAD_REQUEST, "the client went away mid-body"
+                    break
                 received += len(chunk)
                 if received > self.policy.max_bytes:
                     status, why = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {self.policy.max_bytes} bytes"
                     break
-                parser.write(chunk)
-                for incoming, outcome in parts.ready:
-                    outcomes.append(await run_in_threadpool(self._file, incoming, outcome, key, study))
-                parts.ready.clear()
-        except TimeoutError:
-            status, why = HTTPStatus.REQUEST_TIMEOUT, f"the client sent nothing for {self.policy.timeout:g} s"
-        except ClientDisconnect:
-            status, why = HTTPStatus.BAD_REQUEST, "the client went away mid-body"
+                pending.append(chunk)
+                buffered += len(chunk)
+                if buffered >= _FEED:
+                    key = await _key(opened)
+                    await run_in_threadpool(self._feed, parser, parts, b"".join(pending), key, study, outcomes)
+                    pending, buffered = [], 0
+            key = await _key(opened)
+            if pending:  # what arrived before the end, or before the body was cut short: its whole parts are kept
+                await run_in_threadpool(self._feed, parser, parts, b"".join(pending), key, study, outcomes)
+        except _NotRecorded:
+            await _drain(stream)
+            raise
         except Exception as exc:  # python-multipart's errors: a broken body
             status, why = HTTPStatus.BAD_REQUEST, f"the multipart body cannot be parsed ({type(exc).__name__})"
         finally:
@@ -260,10 +275,21 @@ class StowService:
         if status is None and not parts.ended:
             status, why = HTTPStatus.BAD_REQUEST, ("the body ended before its closing boundary" if outcomes
                                                    else "no part found: a missing or wrong boundary")
+        key = await _key(opened)
         for outcome in outcomes:
             if outcome.status != SUCCESS:
                 await run_in_threadpool(self._refused, key, outcome)
         return status, outcomes, why
+
+    def _feed(self, parser: MultipartParser, parts: _Parts, data: bytes, key: object, study: str | None,
+              outcomes: list[_Outcome]) -> None:
+        """Parse ``data`` (writing and hashing part bytes) and file the parts it completes, adding their
+        outcomes to ``outcomes``; in a worker thread, so that requests are parsed on several cores."""
+        try:
+            parser.write(data)
+        finally:
+            outcomes += (self._file(incoming, outcome, key, study) for incoming, outcome in parts.ready)
+            parts.ready.clear()
 
     def _file(self, incoming: Incoming | None, outcome: _Outcome, key: object, study: str | None) -> _Outcome:
         """File and record one complete part (blocking: fsync and the ledger's commit)."""
@@ -346,13 +372,25 @@ def _item(outcome: _Outcome, failure: bool = False) -> Dataset:
     return item
 
 
-async def _drain(request: Request) -> None:
+class _NotRecorded(Exception):
+    """The request's association could not be recorded: nothing of it is kept (503)."""
+
+
+async def _key(opened: asyncio.Future) -> object:
+    try:
+        return await opened
+    except Exception as exc:
+        log.error("STOW-RS request could not be recorded", error=type(exc).__name__)
+        raise _NotRecorded from exc
+
+
+async def _drain(stream: AsyncIterator[bytes]) -> None:
     """Read and drop up to :data:`_DRAIN_LIMIT` bytes of a refused body for at most 5 s: a client still
     sending then reads the answer instead of a reset connection."""
     received = 0
     try:
         async with asyncio.timeout(5):
-            async for chunk in request.stream():
+            async for chunk in stream:
                 received += len(chunk)
                 if received > _DRAIN_LIMIT:
                     return

@@ -93,13 +93,14 @@ def _start_listener(rt, sweeper, listen_socket=None, spool=None):  # type: ignor
     return scp
 
 
-def _start_dicomweb(rt, sweeper, spool):  # type: ignore[no-untyped-def]
-    """STOW-RS into the listener's spool with PLEURA_DICOMWEB_PORT; None without."""
+def _start_dicomweb(rt, sweeper, spool, listen_socket=None):  # type: ignore[no-untyped-def]
+    """STOW-RS into the listener's spool with PLEURA_DICOMWEB_PORT (on ``listen_socket`` when several
+    processes share the port); None without."""
     if rt.settings.dicomweb_port is None:
         return None
     from worker.listen import dicomweb
 
-    return dicomweb.start(rt.settings, spool, _receiver(rt, sweeper))
+    return dicomweb.start(rt.settings, spool, _receiver(rt, sweeper), listen_socket)
 
 
 def _start_sweepers(rt, periodic: bool = True):  # type: ignore[no-untyped-def]
@@ -232,7 +233,7 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     from dicom_node.scp import bind
     from worker.listen import processes as listener_processes
 
-    shared, spool, group = None, None, listener_processes.Group()
+    shared, shared_stow, spool, group = None, None, None, listener_processes.Group()
     if settings.listen_processes > 1:
         if settings.effective_database_url.startswith("sqlite"):
             sys.exit("error: PLEURA_LISTEN_PROCESSES > 1 needs PostgreSQL (PLEURA_DATABASE_URL): "
@@ -241,6 +242,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
             shared = bind(settings.dicom_host, settings.dicom_port)
         except OSError as exc:
             sys.exit(f"error: cannot listen on {settings.dicom_host}:{settings.dicom_port}: {exc}")
+        if settings.dicomweb_port is not None:
+            from worker.listen.dicomweb import bind as bind_stow
+
+            shared_stow = bind_stow(settings)
         spool = _open_spool(settings)
         group = listener_processes.fork(settings.listen_processes - 1)  # before any thread or connection
     rt = _runtime(settings)
@@ -249,7 +254,7 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> None:
     spool = spool or _open_spool(settings)
     sweeper = sweepers[0] if sweepers else None
     scp = _start_listener(rt, sweeper, shared, spool)
-    stow = None if group.forked else _start_dicomweb(rt, sweeper, spool)
+    stow = _start_dicomweb(rt, sweeper, spool, shared_stow)
     reports, hl7 = (None, None) if group.forked else _start_reports(rt)
     http = None if group.forked else start_http(settings, rt, "listen", reports)
     status = listener_processes.wait(group)

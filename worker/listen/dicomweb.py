@@ -3,6 +3,7 @@ listener's spool and ledger receiver, served by the web stack."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from dicom_node.filing import Receiver
@@ -31,8 +32,18 @@ def read_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
-def start(settings: Settings, spool: Spool, receiver: Receiver) -> HttpEndpoints:
-    """Serve STOW-RS; SystemExit with the reason when it cannot."""
+def bind(settings: Settings) -> socket.socket:
+    """The STOW-RS port, bound once before several listener processes are forked (each then serves it)."""
+    try:
+        return socket.create_server((settings.dicomweb_host, settings.dicomweb_port or 0))
+    except OSError as exc:
+        raise SystemExit(f"error: cannot serve DICOMweb on {settings.dicomweb_host}:{settings.dicomweb_port}: "
+                         f"{exc}") from exc
+
+
+def start(settings: Settings, spool: Spool, receiver: Receiver,
+          listen_socket: socket.socket | None = None) -> HttpEndpoints:
+    """Serve STOW-RS (on ``listen_socket`` when given); SystemExit with the reason when it cannot."""
     token_file = settings.dicomweb_token_file
     if token_file is None:
         raise SystemExit("error: PLEURA_DICOMWEB_PORT needs PLEURA_DICOMWEB_TOKEN_FILE (the clients' bearer tokens)")
@@ -45,7 +56,8 @@ def start(settings: Settings, spool: Spool, receiver: Receiver) -> HttpEndpoints
     service = StowService(spool, receiver, policy, settings.max_inflated_mb * 2**20)
     try:
         return HttpEndpoints(settings.dicomweb_host, settings.dicomweb_port or 0, {}, extra=service.routes(),
-                             tls=server_tls(settings) if settings.dicomweb_tls else None, name="dicomweb").start()
+                             tls=server_tls(settings) if settings.dicomweb_tls else None, name="dicomweb",
+                             listen_socket=listen_socket).start()
     except OSError as exc:
         raise SystemExit(f"error: cannot serve DICOMweb on {settings.dicomweb_host}:{settings.dicomweb_port}: "
                          f"{exc}") from exc

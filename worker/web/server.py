@@ -144,18 +144,21 @@ class _Config(uvicorn.Config):
 
 class HttpEndpoints:
     """Serves ``routes`` (GET), ``posts`` and ``extra`` ASGI routes on ``host:port`` from a daemon
-    thread, over TLS with ``tls``; :attr:`port` is the bound port (``port`` 0: any free one)."""
+    thread, over TLS with ``tls``; :attr:`port` is the bound port (``port`` 0: any free one). With
+    ``listen_socket`` (bound already, before several processes were forked) each serves on it."""
 
     def __init__(self, host: str, port: int, routes: Mapping[str, Handler],
                  posts: Mapping[str, PostRoute] | None = None, extra: Sequence[BaseRoute] = (),
-                 tls: ssl.SSLContext | None = None, name: str = "http") -> None:
+                 tls: ssl.SSLContext | None = None, name: str = "http",
+                 listen_socket: socket.socket | None = None) -> None:
         self.routes, self.posts, self.name = dict(routes), dict(posts or {}), name
+        self.extra = [getattr(route, "path", "") for route in extra]
         app = Starlette(routes=[*(_get(p, h) for p, h in self.routes.items()),
                                 *(_post(p, r) for p, r in self.posts.items()), *extra],
                         exception_handlers={404: _not_found, 405: _not_allowed})
         self.server = uvicorn.Server(_Config(app, log_config=None, access_log=False, lifespan="off",
                                              server_header=False, date_header=False, tls=tls))
-        self.socket = socket.create_server((host, port), reuse_port=False)
+        self.socket = listen_socket or socket.create_server((host, port))
         self.port = self.socket.getsockname()[1]
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                         name=f"pleura-{name}", daemon=True)
@@ -168,7 +171,7 @@ class HttpEndpoints:
         if not self.server.started:
             raise OSError(f"the {self.name} server did not start")
         log.info(f"{self.name} endpoints listening", port=self.port, paths=sorted(self.routes),
-                 posts=sorted(self.posts), tls=self.server.config.is_ssl)
+                 posts=sorted(self.posts) + self.extra, tls=self.server.config.is_ssl)
         return self
 
     def stop(self) -> None:

@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from worker.web.server import Handler
 
 from worker.console.pages import Console
 from worker.ledger import Association, Delivery, Finding, Instance, Job, OutputObject, Report, Study
 from worker.ledger.db import Ledger, upgrade
 from worker.ledger.events import record
 from worker.settings import load_settings
+from worker.web.server import Handler
 
 EVIL = '<script>alert("x")</script>'
 AE = '<i>"AE"</i>'  # a calling AE title with markup and quotes

@@ -209,3 +209,29 @@ def test_bad_input_gets_its_status_and_keeps_every_valid_part(stow: Stow, tmp_pa
     ends = sorted(a.end_reason or "" for a in stow.associations())
     assert ends.count("released") == 4 and len(ends) == 7, ends
     assert all(e.startswith("aborted") for e in ends if e != "released"), ends
+
+
+class _LedgerDown(LedgerReceiver):
+    def association_opened(self, peer):  # type: ignore[no-untyped-def]
+        raise OSError("the ledger's database is down")
+
+
+def test_a_request_that_cannot_be_recorded_gets_503_and_keeps_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    ledger = Ledger(url)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"PACS-A:{TOKEN}\n")
+    settings = Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1",
+                        dicomweb_token_file=tokens)
+    spool = Spool(tmp_path / "spool")
+    server = dicomweb.start(settings, spool, _LedgerDown(ledger))
+    try:
+        stow = Stow("", server.port, ledger, spool, server)
+        answer = stow.post(_multipart(_part10(_instance("down"))), RELATED)
+        assert answer.status_code == 503 and "could not be recorded" in answer.text
+        assert stow.instances() == [] and list(spool.root.rglob("*.dcm")) == []
+        assert list(spool.incoming_dir.iterdir()) == []
+    finally:
+        server.stop()
+        ledger.close()
