@@ -92,7 +92,9 @@ class DicomWebOrthanc:
 
     ``lua``: Lua scripts for Orthanc (an ``IncomingHttpRequestFilter`` that demands a bearer token, since
     Orthanc has no bearer authentication of its own; a ``ReceivedInstanceFilter``); ``token``: the
-    bearer token :meth:`rest` then sends; ``config``: more of Orthanc's configuration (``SslEnabled``...)."""
+    bearer token :meth:`rest` then sends; ``config``: more of Orthanc's configuration (``SslEnabled``...); its
+    ``"DicomWeb"`` section is merged into the plugin's settings here (e.g. ``"Servers"``, the DICOMweb
+    servers this Orthanc's own client sends to), the rest of this configuration wins over it."""
 
     AE_TITLE = "ORTHANC"
 
@@ -102,14 +104,16 @@ class DicomWebOrthanc:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         self.http_port, self.dicom_port = free_port(), free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        config = (config or {}) | {
+        config = dict(config or {})
+        dicomweb = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado", "Ssl": False,
+                    "StudiesMetadata": "Full", "SeriesMetadata": "Full"} | config.get("DicomWeb", {})
+        config |= {
             "Name": "pleura-viewer-test", "StorageDirectory": str(workdir / "db"),
             "IndexDirectory": str(workdir / "db"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": self.AE_TITLE, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "HttpServerEnabled": True, "DicomServerEnabled": True, "StorageCompression": False,
             "Plugins": [str(dicomweb_plugin())], "LuaScripts": [str(workdir / "filters.lua")] if lua else [],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
-                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "DicomWeb": dicomweb,
         }
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
         (workdir / "filters.lua").write_text(lua)
