@@ -371,8 +371,10 @@ def test_results_open_in_ohif(ohif: ViewerStack, tmp_path: Path, dciodvfy, dsrdu
     studies = [build() for build in STUDY_BUILDERS]
     meanings = _meanings()
     port = free_port()
+    # results reach the viewer's Orthanc by DICOMweb STOW-RS, each confirmed by QIDO-RS (C-STORE into
+    # Orthanc: tests/worker/deliver/test_stow_orthanc.py)
     env = {**embedded_env(tmp_path, port, ohif.orthanc.dicom_port, QUIET),
-           "PLEURA_DESTINATIONS": f"{ohif.orthanc.AE_TITLE}@127.0.0.1:{ohif.orthanc.dicom_port}",
+           "PLEURA_DESTINATIONS": f"http://127.0.0.1:{ohif.orthanc.http_port}/dicom-web",
            "PLEURA_SWEEP_INTERVAL_SECONDS": "0.5"}
     serve = pleura("serve", env, tmp_path / "serve.log")
     checked: list[_Checked] = []
