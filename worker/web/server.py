@@ -126,22 +126,6 @@ async def _not_allowed(request: StarletteRequest, exc: Exception) -> StarletteRe
     return _http(text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed\n"))
 
 
-class _Config(uvicorn.Config):
-    """uvicorn's configuration, serving HTTPS with our own (BCP 195) server context."""
-
-    def __init__(self, *args: object, tls: ssl.SSLContext | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.tls = tls
-
-    @property
-    def is_ssl(self) -> bool:
-        return self.tls is not None
-
-    def load(self) -> None:
-        super().load()
-        self.ssl = self.tls
-
-
 class HttpEndpoints:
     """Serves ``routes`` (GET), ``posts`` and ``extra`` ASGI routes on ``host:port`` from a daemon
     thread, over TLS with ``tls``; :attr:`port` is the bound port (``port`` 0: any free one). With
@@ -156,8 +140,9 @@ class HttpEndpoints:
         app = Starlette(routes=[*(_get(p, h) for p, h in self.routes.items()),
                                 *(_post(p, r) for p, r in self.posts.items()), *extra],
                         exception_handlers={404: _not_found, 405: _not_allowed})
-        self.server = uvicorn.Server(_Config(app, log_config=None, access_log=False, lifespan="off",
-                                             server_header=False, date_header=False, tls=tls))
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", server_header=False, date_header=False,
+            ssl_context_factory=(lambda _config, _default: tls) if tls is not None else None))
         self.socket = listen_socket or socket.create_server((host, port))
         self.port = self.socket.getsockname()[1]
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
