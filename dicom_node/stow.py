@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 DICOM_JSON = "application/dicom+json"
 #: the called AE of the association recorded for a STOW-RS request
 CALLED = "STOW-RS"
+#: the calling AE recorded for a client that mutual TLS admitted without a token
+TLS_CLIENT = "TLS-CLIENT"
 _STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 _ACCEPTED_SYNTAXES = frozenset(str(s) for s in ACCEPTED_TRANSFER_SYNTAXES)
 #: bytes of a body gathered before they are parsed in a worker thread (one thread hop per MiB)
@@ -67,10 +69,12 @@ _DRAIN_LIMIT = 16 * 2**20
 
 @dataclass(frozen=True)
 class StowPolicy:
-    """``tokens``: bearer token -> sender name, read at every request (the file may be rotated);
-    ``max_bytes``: the largest body; ``timeout``: seconds a client may stay silent mid-body."""
+    """``tokens``: bearer token -> sender name, read at every request (the file may be rotated); None:
+    no token is asked, the transport proved the client (mutual TLS) and it is recorded as
+    :data:`TLS_CLIENT`. ``max_bytes``: the largest body; ``timeout``: seconds a client may stay silent
+    mid-body."""
 
-    tokens: Callable[[], Mapping[str, str]]
+    tokens: Callable[[], Mapping[str, str]] | None
     max_bytes: int
     timeout: float = 60.0
 
@@ -220,6 +224,8 @@ class StowService:
         return sender
 
     def _sender(self, authorization: str) -> str | None:
+        if self.policy.tokens is None:
+            return TLS_CLIENT
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             return None

@@ -165,9 +165,13 @@ class HttpEndpoints:
         self.socket.close()
 
 
-def server_tls(settings: Settings) -> ssl.SSLContext:
-    """The HTTPS context from the DICOM TLS files; a client certificate is optional, and checked when given."""
+def server_tls(settings: Settings, require_peer_cert: bool = False) -> ssl.SSLContext:
+    """The HTTPS context from the DICOM TLS files; a client certificate from PLEURA_TLS_CA_FILE is
+    checked when given, and with ``require_peer_cert`` a client without one is refused (mutual TLS)."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise SystemExit("error: HTTPS needs PLEURA_TLS_CERT_FILE and PLEURA_TLS_KEY_FILE")
-    return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,
-                          require_peer_cert=False)
+    try:
+        return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,
+                              require_peer_cert=require_peer_cert)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc

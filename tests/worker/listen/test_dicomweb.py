@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from dicom_node.spool import Spool
 from tests.security.make_corpus import base_dataset, encode_body, part10
+from tests.security.pki import authority
 from tests.support import wait_for
 from worker.ledger import Association, Event, Instance
 from worker.ledger.db import Ledger, upgrade
@@ -235,3 +236,32 @@ def test_a_request_that_cannot_be_recorded_gets_503_and_keeps_nothing(tmp_path: 
     finally:
         server.stop()
         ledger.close()
+
+
+def test_mutual_tls_admits_a_client_certificate_without_a_token(tmp_path: Path) -> None:
+    pki, rogue = authority(tmp_path / "pki", "trusted"), authority(tmp_path / "pki", "rogue")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    ledger = Ledger(url)
+    settings = Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1", dicomweb_tls=True,
+                        tls_cert_file=pki.server.cert, tls_key_file=pki.server.key, tls_ca_file=pki.ca.cert)
+    server = dicomweb.start(settings, Spool(tmp_path / "spool"), LedgerReceiver(ledger))
+    try:
+        stored = _instance("mtls")
+        body, where = _multipart(_part10(stored)), f"https://localhost:{server.port}/dicom-web/studies"
+        headers = {"Content-Type": RELATED}
+        answer = requests.post(where, data=body, headers=headers, verify=str(pki.ca.cert), timeout=30,
+                               cert=(str(pki.client.cert), str(pki.client.key)))
+        assert answer.status_code == 200, answer.text
+        for cert in (None, (str(rogue.client.cert), str(rogue.client.key))):  # no certificate, another CA's
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.post(where, data=body, headers=headers, verify=str(pki.ca.cert), timeout=30, cert=cert)
+        with ledger.session() as s:
+            assert [(a.calling_ae, a.called_ae) for a in s.scalars(select(Association))] == [("TLS-CLIENT", "STOW-RS")]
+            assert [i.sop_instance_uid for i in s.scalars(select(Instance))] == [stored.SOPInstanceUID]
+    finally:
+        server.stop()
+        ledger.close()
+    with pytest.raises(SystemExit, match="PLEURA_DICOMWEB_TOKEN_FILE"):  # neither tokens nor mutual TLS
+        dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0), Spool(tmp_path / "spool2"),
+                       LedgerReceiver(ledger))
