@@ -6,6 +6,7 @@ of the sender's: a parser's message may hold patient names).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -97,6 +98,9 @@ class Receiver(Protocol):
     def instance_stored(self, stored: StoredInstance) -> None:
         """Record the instance durably (commit) before returning."""
 
+    def instances_stored(self, stored: Sequence[StoredInstance]) -> None:
+        """Record several instances durably, in one transaction (all or none), before returning."""
+
     def association_closed(self, key: object, reason: str) -> None:
         """Record the end of the association."""
 
@@ -142,18 +146,19 @@ def read_header(incoming: Incoming, transfer_syntax: str, max_inflated_bytes: in
 
 
 def file_instance(spool: Spool, incoming: Incoming, header: Dataset, association: object, transfer_syntax: str,
-                  sop_class: str | None = None, sop_uid: str | None = None,
-                  study_uid: str | None = None) -> StoredInstance:
+                  sop_class: str | None = None, sop_uid: str | None = None, study_uid: str | None = None,
+                  sync_folder: bool = True) -> StoredInstance:
     """File ``incoming`` (its :func:`read_header`) in ``spool``. ``sop_class``, ``sop_uid``, ``study_uid``:
     what the request said the instance is (C-STORE's affected SOP class and instance, STOW-RS's study),
-    checked against the data set. Raises what :func:`refusal` maps."""
+    checked against the data set; ``sync_folder``: as :meth:`Spool.place`. Raises what :func:`refusal`
+    maps."""
     found_uid = str(header.get("SOPInstanceUID", ""))
     if sop_uid is not None and found_uid != sop_uid:
         raise NotUnderstood("SOP Instance UID in the data set differs from the C-STORE request's")
     found_study = str(header.get("StudyInstanceUID", ""))
     if study_uid is not None and found_study != study_uid:
         raise Refused(STUDY_UID_MISMATCH, "the instance's Study Instance UID is not the request's study")
-    written = spool.place(incoming, found_study, found_uid)
+    written = spool.place(incoming, found_study, found_uid, sync_folder)
     return StoredInstance(
         association=association,
         sop_class_uid=sop_class or str(header.get("SOPClassUID", "")),
@@ -171,8 +176,17 @@ def file_instance(spool: Spool, incoming: Incoming, header: Dataset, association
 
 def record_instance(receiver: Receiver, stored: StoredInstance) -> tuple[int, str]:
     """Hand a filed instance to the application; the status to answer and, on failure, why."""
+    return record_instances(receiver, [stored])
+
+
+def record_instances(receiver: Receiver, stored: Sequence[StoredInstance]) -> tuple[int, str]:
+    """Hand filed instances to the application, in one transaction when there are several; the status
+    to answer for each (all or none are recorded) and, on failure, why."""
     try:
-        receiver.instance_stored(stored)
+        if len(stored) == 1:
+            receiver.instance_stored(stored[0])
+        else:
+            receiver.instances_stored(stored)
     except Exception as exc:
         log.exception("instance could not be recorded")
         return OUT_OF_RESOURCES, f"ledger write failed: {type(exc).__name__}"

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,10 @@ class Spool:
         self._check_room()
         return Incoming(self.incoming_dir / f"{os.getpid()}-{uuid.uuid4().hex}.tmp")
 
-    def place(self, incoming: Incoming, study_uid: str, sop_uid: str) -> SpoolWrite:
+    def place(self, incoming: Incoming, study_uid: str, sop_uid: str, sync_folder: bool = True) -> SpoolWrite:
         """File a complete instance under its UIDs (or find its bytes already there); the temporary
-        file is gone afterwards, whatever happens. SpoolFull if writing it went below the watermark."""
+        file is gone afterwards, whatever happens. SpoolFull if writing it went below the watermark.
+        Without ``sync_folder`` the caller makes the new entry durable (:meth:`sync`), once for several."""
         try:
             folder = self.root / check_uid(study_uid)
             path = folder / f"{check_uid(sop_uid)}.dcm"
@@ -166,11 +168,17 @@ class Spool:
                 _fsync(incoming.path)
             folder.mkdir(exist_ok=True)
             os.replace(incoming.path, path)
-            if self.durable:
+            if self.durable and sync_folder:
                 _fsync(folder)
             return SpoolWrite(path, digest, incoming.size)
         finally:
             incoming.discard()
+
+    def sync(self, paths: Iterable[str | Path]) -> None:
+        """Make the entries of files placed without ``sync_folder`` durable: one fsync per folder."""
+        if self.durable:
+            for folder in sorted({Path(path).parent for path in paths}):
+                _fsync(folder)
 
 
 def _sha256_of(path: Path) -> str:

@@ -2,15 +2,16 @@
 {prefix}/studies/{StudyInstanceUID}``, as Starlette routes.
 
 The body, ``multipart/related; type="application/dicom"``, is parsed as it arrives
-(python-multipart, in worker threads a MiB at a time): each part is written into a spool temporary file,
-then filed and recorded exactly as a C-STORE data set (:mod:`dicom_node.filing`) before the next
-part is parsed, so a part is acknowledged only once its bytes and its ledger row are durable. The
-answer is the Store Instances Response Module in DICOM JSON: 200 all stored, 202 some failed, 409
-none stored (a FailedSOPSequence item with its FailureReason for each), 400 (no or a broken
-multipart body), 401 (bearer token), 408 (the client stalled), 413 (over ``max_bytes``), 415 (not
-``application/dicom`` parts), 503 (none stored for want of resources). Every request is an
-association for the :class:`~dicom_node.filing.Receiver`: the token's name is its calling AE, it is
-released once the answer is sent.
+(python-multipart, in worker threads a MiB at a time): each part is written into a spool temporary
+file, then filed as a C-STORE data set is (:mod:`dicom_node.filing`). The parts of a request are
+recorded together (group commit: one fsync per spool folder, their ledger rows in one transaction,
+every :data:`_BATCH` parts and at the end), before the answer, so a part is acknowledged only once
+its bytes and its ledger row are durable. The answer is the Store Instances Response Module in DICOM
+JSON: 200 all stored, 202 some failed, 409 none stored (a FailedSOPSequence item with its
+FailureReason for each), 400 (no or a broken multipart body), 401 (bearer token), 408 (the client
+stalled), 413 (over ``max_bytes``), 415 (not ``application/dicom`` parts), 503 (none stored for want
+of resources). Every request is an association for the :class:`~dicom_node.filing.Receiver`: the
+token's name is its calling AE, it is released once the answer is sent.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from dicom_node.filing import (
     Peer,
     Receiver,
     Refused,
+    StoredInstance,
     file_instance,
     read_header,
-    record_instance,
+    record_instances,
     refusal,
 )
 from dicom_node.spool import Incoming, InvalidUID, Spool, check_uid
@@ -63,6 +65,9 @@ _STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentat
 _ACCEPTED_SYNTAXES = frozenset(str(s) for s in ACCEPTED_TRANSFER_SYNTAXES)
 #: bytes of a body gathered before they are parsed in a worker thread (one thread hop per MiB)
 _FEED = 1 << 20
+#: parts filed before their folders' fsyncs and ledger rows are written together (at the latest at
+#: the end of the request)
+_BATCH = 32
 #: most of a refused body read (and dropped) so that the client is answered, not reset
 _DRAIN_LIMIT = 16 * 2**20
 
@@ -96,6 +101,8 @@ class _Parts:
 
     spool: Spool
     ready: list[tuple[Incoming | None, _Outcome]] = field(default_factory=list)
+    #: parts filed in the spool (the file fsynced, not its folder) whose ledger rows are not written yet
+    filed: list[tuple[StoredInstance, _Outcome]] = field(default_factory=list)
     ended: bool = False
     _field: bytearray = field(default_factory=bytearray)
     _value: bytearray = field(default_factory=bytearray)
@@ -278,6 +285,8 @@ class StowService:
             status, why = HTTPStatus.BAD_REQUEST, f"the multipart body cannot be parsed ({type(exc).__name__})"
         finally:
             parts.discard()
+        if parts.filed:  # the complete parts, whatever cut the body short
+            await run_in_threadpool(self._record, parts)
         if status is None and not parts.ended:
             status, why = HTTPStatus.BAD_REQUEST, ("the body ended before its closing boundary" if outcomes
                                                    else "no part found: a missing or wrong boundary")
@@ -294,13 +303,19 @@ class StowService:
         try:
             parser.write(data)
         finally:
-            outcomes += (self._file(incoming, outcome, key, study) for incoming, outcome in parts.ready)
+            for incoming, outcome in parts.ready:
+                outcomes.append(outcome)
+                self._file(parts, incoming, outcome, key, study)
             parts.ready.clear()
+            if len(parts.filed) >= _BATCH:
+                self._record(parts)
 
-    def _file(self, incoming: Incoming | None, outcome: _Outcome, key: object, study: str | None) -> _Outcome:
-        """File and record one complete part (blocking: fsync and the ledger's commit)."""
+    def _file(self, parts: _Parts, incoming: Incoming | None, outcome: _Outcome, key: object,
+              study: str | None) -> None:
+        """File one complete part in the spool (blocking: its fsync); it joins ``parts.filed``, or
+        ``outcome`` says why not."""
         if incoming is None:  # refused while it arrived
-            return outcome
+            return
         try:
             incoming.close(fsync=False)
             try:
@@ -317,15 +332,28 @@ class StowService:
             outcome.sop_uid = str(header.get("SOPInstanceUID", ""))
             if outcome.sop_class not in _STORAGE_CLASSES:
                 raise Refused(SOP_CLASS_NOT_SUPPORTED, "not a storage SOP class")
-            stored = file_instance(self.spool, incoming, header, key, syntax, study_uid=study)
+            stored = file_instance(self.spool, incoming, header, key, syntax, study_uid=study, sync_folder=False)
         except Exception as exc:
             refused = refusal(exc)
             outcome.status, outcome.reason = refused.status, refused.reason
-            return outcome
+            return
         finally:
             incoming.discard()
-        outcome.status, outcome.reason = record_instance(self.receiver, stored)
-        return outcome
+        parts.filed.append((stored, outcome))
+
+    def _record(self, parts: _Parts) -> None:
+        """Group commit of the filed parts: one fsync per spool folder, then their ledger rows in one
+        transaction; no part is acknowledged before (the answer waits for the whole request)."""
+        stored = [instance for instance, _ in parts.filed]
+        try:
+            self.spool.sync(instance.path for instance in stored)
+            status, reason = record_instances(self.receiver, stored)
+        except OSError as exc:
+            refused = refusal(exc)
+            status, reason = refused.status, refused.reason
+        for _, outcome in parts.filed:
+            outcome.status, outcome.reason = status, reason
+        parts.filed.clear()
 
     def _refused(self, key: object, outcome: _Outcome) -> None:
         log.warning("STOW-RS instance refused", status=f"0x{outcome.status:04X}", reason=outcome.reason)

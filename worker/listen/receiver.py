@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -135,21 +135,28 @@ class LedgerReceiver:
                    status=f"0x{status:04X}", reason=reason)
 
     def instance_stored(self, stored: StoredInstance) -> None:
+        self.instances_stored([stored])
+
+    def instances_stored(self, stored: Sequence[StoredInstance]) -> None:
+        """Record the instances in one transaction, by study UID (concurrent batches lock studies in
+        one order)."""
+        batch = sorted(stored, key=lambda i: i.study_instance_uid)
         for attempt in range(3):
             try:
                 with self.ledger.session() as s:
-                    study_id, outcome, instance_id = self._record(s, stored)
+                    recorded = [self._record(s, instance) for instance in batch]
                 break
             except IntegrityError:
                 if attempt == 2:  # another association created the same rows concurrently
                     raise
-        if self.storage.shared:  # the database holds the bytes now; this host keeps none
-            Path(stored.path).unlink(missing_ok=True)
-        if self.hints is not None and outcome == "accepted":
-            self.hints.submit(instance_id)
-        structlog.contextvars.bind_contextvars(study_id=study_id)
-        INSTANCES.labels(outcome, UID(stored.transfer_syntax_uid).name).inc()
-        RECEIVED_BYTES.inc(stored.size)
+        for instance, (study_id, outcome, instance_id) in zip(batch, recorded, strict=True):
+            if self.storage.shared:  # the database holds the bytes now; this host keeps none
+                Path(instance.path).unlink(missing_ok=True)
+            if self.hints is not None and outcome == "accepted":
+                self.hints.submit(instance_id)
+            structlog.contextvars.bind_contextvars(study_id=study_id)
+            INSTANCES.labels(outcome, UID(instance.transfer_syntax_uid).name).inc()
+            RECEIVED_BYTES.inc(instance.size)
 
     def _record(self, s: Session, stored: StoredInstance) -> tuple[int, str, int]:
         """Record the instance; returns the study's id, ``accepted`` or ``duplicate``, the instance's id."""

@@ -265,3 +265,46 @@ def test_mutual_tls_admits_a_client_certificate_without_a_token(tmp_path: Path) 
     with pytest.raises(SystemExit, match="PLEURA_DICOMWEB_TOKEN_FILE"):  # neither tokens nor mutual TLS
         dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0), Spool(tmp_path / "spool2"),
                        LedgerReceiver(ledger))
+
+
+class _Counting(LedgerReceiver):
+    """The ledger receiver, noting the size of each batch it records; ``fail`` makes the batches fail."""
+
+    def __init__(self, ledger: Ledger, fail: bool = False) -> None:
+        super().__init__(ledger)
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def instances_stored(self, stored):  # type: ignore[no-untyped-def]
+        self.batches.append(len(stored))
+        if self.fail:
+            raise OSError("the ledger's database is down")
+        super().instances_stored(stored)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_parts_of_a_request_are_recorded_in_one_transaction(tmp_path: Path, fail: bool) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    ledger = Ledger(url)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"PACS-A:{TOKEN}\n")
+    receiver = _Counting(ledger, fail)
+    spool = Spool(tmp_path / "spool")
+    server = dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1",
+                                     dicomweb_token_file=tokens), spool, receiver)
+    try:
+        stow = Stow("", server.port, ledger, spool, server)
+        sent = [_instance(f"batch-{n}") for n in range(3)]
+        answer = stow.post(_multipart(*map(_part10, sent)), RELATED)
+        assert receiver.batches == [3]  # one transaction (and one fsync per folder) for the three
+        if fail:  # all or none: each part refused for want of resources, none recorded
+            assert answer.status_code == 503
+            assert sorted(_failed(answer)) == sorted((ds.SOPInstanceUID, 0xA700) for ds in sent)
+            assert stow.instances() == []
+        else:
+            assert answer.status_code == 200
+            assert sorted(i.sop_instance_uid for i in stow.instances()) == sorted(ds.SOPInstanceUID for ds in sent)
+    finally:
+        server.stop()
+        ledger.close()
