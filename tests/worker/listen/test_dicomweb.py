@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -42,6 +44,7 @@ class Stow:
     ledger: Ledger
     spool: Spool
     server: HttpEndpoints
+    receiver: LedgerReceiver
 
     def post(self, body: bytes, content_type: str, token: str | None = TOKEN, path: str = "/dicom-web/studies",
              **kwargs: object) -> requests.Response:
@@ -60,21 +63,31 @@ class Stow:
             return list(s.scalars(select(Association).order_by(Association.id)))
 
 
-@pytest.fixture
-def stow(tmp_path: Path) -> Iterator[Stow]:
+@contextmanager
+def _serving(tmp_path: Path, receiver: Callable[[Ledger], LedgerReceiver] = LedgerReceiver,
+             **settings: Any) -> Iterator[Stow]:
+    """STOW-RS on a SQLite ledger and a spool under ``tmp_path``, tokens ``PACS-A`` and an unnamed one;
+    ``settings`` override the defaults."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     upgrade(url)
     ledger = Ledger(url)
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# STOW-RS clients\nPACS-A:{TOKEN}\n\nanonymous-token\n")
-    settings = Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1",
-                        dicomweb_token_file=tokens, dicomweb_max_mb=MAX_BYTES // 1_000_000,
-                        dicomweb_timeout_seconds=2)
-    spool = Spool(tmp_path / "spool")
-    server = dicomweb.start(settings, spool, LedgerReceiver(ledger))
-    yield Stow(f"http://127.0.0.1:{server.port}/dicom-web", server.port, ledger, spool, server)
-    server.stop()
-    ledger.close()
+    spool, recording = Spool(tmp_path / "spool"), receiver(ledger)
+    server = dicomweb.start(Settings(**{"data_dir": tmp_path / "data", "dicomweb_port": 0,
+                                        "dicomweb_host": "127.0.0.1", "dicomweb_token_file": tokens, **settings}),
+                            spool, recording)
+    try:
+        yield Stow(f"http://127.0.0.1:{server.port}/dicom-web", server.port, ledger, spool, server, recording)
+    finally:
+        server.stop()
+        ledger.close()
+
+
+@pytest.fixture
+def stow(tmp_path: Path) -> Iterator[Stow]:
+    with _serving(tmp_path, dicomweb_max_mb=MAX_BYTES // 1_000_000, dicomweb_timeout_seconds=2) as serving:
+        yield serving
 
 
 def _part10(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
@@ -218,37 +231,19 @@ class _LedgerDown(LedgerReceiver):
 
 
 def test_a_request_that_cannot_be_recorded_gets_503_and_keeps_nothing(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    upgrade(url)
-    ledger = Ledger(url)
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"PACS-A:{TOKEN}\n")
-    settings = Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1",
-                        dicomweb_token_file=tokens)
-    spool = Spool(tmp_path / "spool")
-    server = dicomweb.start(settings, spool, _LedgerDown(ledger))
-    try:
-        stow = Stow("", server.port, ledger, spool, server)
+    with _serving(tmp_path, _LedgerDown) as stow:
         answer = stow.post(_multipart(_part10(_instance("down"))), RELATED)
         assert answer.status_code == 503 and "could not be recorded" in answer.text
-        assert stow.instances() == [] and list(spool.root.rglob("*.dcm")) == []
-        assert list(spool.incoming_dir.iterdir()) == []
-    finally:
-        server.stop()
-        ledger.close()
+        assert stow.instances() == [] and list(stow.spool.root.rglob("*.dcm")) == []
+        assert list(stow.spool.incoming_dir.iterdir()) == []
 
 
 def test_mutual_tls_admits_a_client_certificate_without_a_token(tmp_path: Path) -> None:
     pki, rogue = authority(tmp_path / "pki", "trusted"), authority(tmp_path / "pki", "rogue")
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    upgrade(url)
-    ledger = Ledger(url)
-    settings = Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1", dicomweb_tls=True,
-                        tls_cert_file=pki.server.cert, tls_key_file=pki.server.key, tls_ca_file=pki.ca.cert)
-    server = dicomweb.start(settings, Spool(tmp_path / "spool"), LedgerReceiver(ledger))
-    try:
+    with _serving(tmp_path, dicomweb_token_file=None, dicomweb_tls=True, tls_cert_file=pki.server.cert,
+                  tls_key_file=pki.server.key, tls_ca_file=pki.ca.cert) as stow:
         stored = _instance("mtls")
-        body, where = _multipart(_part10(stored)), f"https://localhost:{server.port}/dicom-web/studies"
+        body, where = _multipart(_part10(stored)), f"https://localhost:{stow.port}/dicom-web/studies"
         headers = {"Content-Type": RELATED}
         answer = requests.post(where, data=body, headers=headers, verify=str(pki.ca.cert), timeout=30,
                                cert=(str(pki.client.cert), str(pki.client.key)))
@@ -256,15 +251,10 @@ def test_mutual_tls_admits_a_client_certificate_without_a_token(tmp_path: Path) 
         for cert in (None, (str(rogue.client.cert), str(rogue.client.key))):  # no certificate, another CA's
             with pytest.raises(requests.exceptions.ConnectionError):
                 requests.post(where, data=body, headers=headers, verify=str(pki.ca.cert), timeout=30, cert=cert)
-        with ledger.session() as s:
-            assert [(a.calling_ae, a.called_ae) for a in s.scalars(select(Association))] == [("TLS-CLIENT", "STOW-RS")]
-            assert [i.sop_instance_uid for i in s.scalars(select(Instance))] == [stored.SOPInstanceUID]
-    finally:
-        server.stop()
-        ledger.close()
-    with pytest.raises(SystemExit, match="PLEURA_DICOMWEB_TOKEN_FILE"):  # neither tokens nor mutual TLS
-        dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0), Spool(tmp_path / "spool2"),
-                       LedgerReceiver(ledger))
+        assert [(a.calling_ae, a.called_ae) for a in stow.associations()] == [("TLS-CLIENT", "STOW-RS")]
+        assert [i.sop_instance_uid for i in stow.instances()] == [stored.SOPInstanceUID]
+        with pytest.raises(SystemExit, match="PLEURA_DICOMWEB_TOKEN_FILE"):  # neither tokens nor mutual TLS
+            dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0), stow.spool, stow.receiver)
 
 
 class _Counting(LedgerReceiver):
@@ -284,20 +274,10 @@ class _Counting(LedgerReceiver):
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_the_parts_of_a_request_are_recorded_in_one_transaction(tmp_path: Path, fail: bool) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    upgrade(url)
-    ledger = Ledger(url)
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"PACS-A:{TOKEN}\n")
-    receiver = _Counting(ledger, fail)
-    spool = Spool(tmp_path / "spool")
-    server = dicomweb.start(Settings(data_dir=tmp_path / "data", dicomweb_port=0, dicomweb_host="127.0.0.1",
-                                     dicomweb_token_file=tokens), spool, receiver)
-    try:
-        stow = Stow("", server.port, ledger, spool, server)
+    with _serving(tmp_path, lambda ledger: _Counting(ledger, fail)) as stow:
         sent = [_instance(f"batch-{n}") for n in range(3)]
         answer = stow.post(_multipart(*map(_part10, sent)), RELATED)
-        assert receiver.batches == [3]  # one transaction (and one fsync per folder) for the three
+        assert stow.receiver.batches == [3]  # type: ignore[attr-defined]  # one transaction (and fsync per folder)
         if fail:  # all or none: each part refused for want of resources, none recorded
             assert answer.status_code == 503
             assert sorted(_failed(answer)) == sorted((ds.SOPInstanceUID, 0xA700) for ds in sent)
@@ -305,6 +285,3 @@ def test_the_parts_of_a_request_are_recorded_in_one_transaction(tmp_path: Path, 
         else:
             assert answer.status_code == 200
             assert sorted(i.sop_instance_uid for i in stow.instances()) == sorted(ds.SOPInstanceUID for ds in sent)
-    finally:
-        server.stop()
-        ledger.close()
