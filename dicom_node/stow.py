@@ -11,7 +11,8 @@ JSON: 200 all stored, 202 some failed, 409 none stored (a FailedSOPSequence item
 FailureReason for each), 400 (no or a broken multipart body), 401 (bearer token), 408 (the client
 stalled), 413 (over ``max_bytes``), 415 (not ``application/dicom`` parts), 503 (none stored for want
 of resources). Every request is an association for the :class:`~dicom_node.filing.Receiver`: the
-token's name is its calling AE, it is released once the answer is sent.
+token's name is its calling AE, it is released once the answer is sent; a request refused on its
+headers is a rejected association, with the reason.
 """
 
 from __future__ import annotations
@@ -185,14 +186,15 @@ class StowService:
                 Route(f"{self.prefix}/studies/{{study}}", self.store, methods=["POST"])]
 
     async def store(self, request: Request) -> Response:
-        sender = self._check(request)
-        if isinstance(sender, Response):  # refused: a bounded part of the body is read so the client hears why
-            log.warning("STOW-RS request refused", status=sender.status_code,
-                        peer_host=request.client.host if request.client else "")
-            await _drain(request.stream())
-            return sender
         client = request.client
-        peer = Peer(sender, CALLED, client.host if client else "", client.port if client else 0)
+        sender, refused = self._check(request)
+        peer = Peer(sender or "", CALLED, client.host if client else "", client.port if client else 0)
+        if refused is not None:  # recorded as a rejected association; a bounded part of the body is read
+            reason = f"{bytes(refused.body).decode().strip()} (HTTP {refused.status_code})"
+            log.warning("STOW-RS request refused", status=refused.status_code, peer_host=peer.host)
+            await run_in_threadpool(self._rejected, peer, reason)
+            await _drain(request.stream())
+            return refused
         # recorded while the body starts to arrive; awaited before the first part is filed
         opened = asyncio.ensure_future(run_in_threadpool(self.receiver.association_opened, peer))
         boundary = parse_options_header(request.headers.get("content-type", ""))[1][b"boundary"]
@@ -202,16 +204,21 @@ class StowService:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the request could not be recorded; try again later")
         return self._answer(status, outcomes, why, opened.result())
 
-    def _check(self, request: Request) -> str | Response:
-        """The sender (its token's name), or the answer to a request refused on its headers alone."""
+    def _check(self, request: Request) -> tuple[str | None, Response | None]:
+        """The sender (its token's name, None when unknown) and, for a request refused on its headers
+        alone, the answer."""
         try:
             sender = self._sender(request.headers.get("authorization", ""))
         except Exception as exc:
             log.error("STOW-RS tokens cannot be read", error=type(exc).__name__)
-            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "the tokens cannot be read; try again later")
+            return None, _error(HTTPStatus.SERVICE_UNAVAILABLE, "the tokens cannot be read; try again later")
         if sender is None:
-            return _error(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
-                          {"WWW-Authenticate": 'Bearer realm="dicom-web"'})
+            return None, _error(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
+                                {"WWW-Authenticate": 'Bearer realm="dicom-web"'})
+        return sender, self._refusal(request)
+
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer to a request whose path or headers are wrong, or None."""
         study = request.path_params.get("study")
         if study is not None:
             try:
@@ -228,7 +235,7 @@ class StowService:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.policy.max_bytes:
             return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {self.policy.max_bytes} bytes")
-        return sender
+        return None
 
     def _sender(self, authorization: str) -> str | None:
         if self.policy.tokens is None:
@@ -354,6 +361,12 @@ class StowService:
         for _, outcome in parts.filed:
             outcome.status, outcome.reason = status, reason
         parts.filed.clear()
+
+    def _rejected(self, peer: Peer, reason: str) -> None:
+        try:
+            self.receiver.association_rejected(peer, reason)
+        except Exception:
+            log.exception("STOW-RS refusal could not be recorded")
 
     def _refused(self, key: object, outcome: _Outcome) -> None:
         log.warning("STOW-RS instance refused", status=f"0x{outcome.status:04X}", reason=outcome.reason)

@@ -216,6 +216,11 @@ def test_bad_input_gets_its_status_and_keeps_every_valid_part(stow: Stow, tmp_pa
             json.loads(e.detail) for e in s.scalars(select(Event).where(Event.kind == "instance_refused"))))
     assert refusals == sorted([("0xC000", ""), ("0xC000", ""), ("0xC409", other_study.SOPInstanceUID),
                                ("0xC122", mpeg2_ds.SOPInstanceUID)])
+    with stow.ledger.session() as s:  # requests refused on their headers: rejected associations, with the reason
+        rejected = [json.loads(e.detail) for e in s.scalars(select(Event).where(Event.kind == "association_rejected"))]
+    assert sorted(r["reason"].rsplit("(", 1)[1] for r in rejected) == sorted(
+        ["HTTP 400)", "HTTP 401)", "HTTP 401)", "HTTP 413)", "HTTP 415)", "HTTP 415)"])
+    assert {(r["calling_ae"], r["called_ae"]) for r in rejected} == {("", "STOW-RS"), ("PACS-A", "STOW-RS")}
     # requests refused before their body was read were never associations; the others all ended
     deadline = time.monotonic() + 10
     while any(a.ended_at is None for a in stow.associations()) and time.monotonic() < deadline:
