@@ -27,8 +27,10 @@ from worker.ledger.db import Ledger, utcnow
 
 #: bytes per ``blob_chunks`` row: the row (24-byte header, two integers, the bytea) fits one 8 KiB page
 CHUNK = 8000
-#: rows per piece of the COPY stream and per fetch of a read (about 1 MB)
+#: rows per piece of the COPY stream (about 1 MB)
 BATCH = 128
+#: rows a read fetches at a time: 256 KB, or 32 MiB at most for the 1 MiB rows written before 0009
+FETCH = 32
 
 
 class StorageError(OSError):
@@ -142,7 +144,7 @@ def _chunks(s: Session, blob: Blob):  # type: ignore[no-untyped-def]
         finally:
             lob.close()
         return
-    rows = s.connection().execution_options(stream_results=True, yield_per=BATCH // 4).execute(
+    rows = s.connection().execution_options(stream_results=True, yield_per=FETCH).execute(
         select(BlobChunk.data).where(BlobChunk.blob_id == blob.id).order_by(BlobChunk.n))
     for (chunk,) in rows:
         yield chunk
