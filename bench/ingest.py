@@ -25,7 +25,7 @@ fsyncs each file and commits its ledger row before answering Success; ``storescp
 --fork +xa -od DIR`` (a process per association, no fsync); ``orthanc`` is Orthanc with its default
 SQLite index and file storage. ``pleura-stow`` and ``orthanc-stow`` are the same two receivers taking
 the files by DICOMweb STOW-RS instead (Pleura: ``PLEURA_DICOMWEB_PORT`` with a bearer token, each part
-fsynced and recorded before the next is read; Orthanc: its DICOMweb plugin); their sender is one thread
+fsynced and recorded before the answer; Orthanc: its DICOMweb plugin); their sender is one thread
 per client (``--associations`` clients) in this process, each POSTing its files ``--stow-parts`` to a
 request (default one: a request per file; parts of ``multipart/related`` streamed from the files in 1
 MiB pieces) over one kept-alive HTTP connection. Each receiver first gets ``WARM_UP_FILES`` other files
